@@ -1,0 +1,1 @@
+"""The `sdc` command line: thin click commands over the library functions of the same names."""

@@ -1,0 +1,109 @@
+"""`sdc` click group. Each command parses flags and calls the library function of the same name.
+
+Errors: library code raises SdcError with one line; `main` prints it as `error: ...` and exits with
+its code (no traceback unless --debug). Build-side imports happen inside the commands, so
+`sdc --help` and the runtime commands never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import SdcError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sdc")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """sdc: compile Stable Diffusion v1.x into lean ONNX graphs, and run them."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="fp16 for GPU targets; fp32 for CPU targets (ORT's CPU runs fp16 slower).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: artifacts/<model>-<precision>].")
+@click.option("--force", is_flag=True, help="Rebuild even if an identical build exists.")
+@click.option("--config", "config", type=click.Path(), default=None,
+              help="Diffusers component configs for a single-file checkpoint of non-SD1.5 size.")
+@click.option("--stages", default=",".join(("text_encoder", "unet", "vae_decoder", "vae_encoder")),
+              show_default=True, help="Comma-separated graphs to build.")
+def build(model, precision, out, force, config, stages) -> None:
+    """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
+    from ..export.build import BuildOptions, build as run_build
+
+    console = _console()
+    opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
+                        stages=tuple(s.strip() for s in stages.split(",") if s.strip()))
+    with console.status("building…", spinner="dots") as status:
+        def log(msg: str) -> None:
+            console.log(msg, markup=False)
+            status.update(f"building… {msg.split(']')[0].lstrip('[')}", )
+
+        result = run_build(opts, log=log)
+    click.echo(str(result.out))
+
+
+@cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(artifacts: Path, as_json: bool) -> None:
+    """Summarise a build's manifest: model, precision, graphs, parity, sizes."""
+    from ..runtime.inspect import describe
+    from ..runtime.manifest import load_manifest
+
+    manifest = load_manifest(artifacts)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=1))
+    else:
+        click.echo(describe(manifest))
+
+
+@cli.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--no-hash", is_flag=True, help="Check presence and sizes only (fast).")
+def verify(artifacts: Path, no_hash: bool) -> None:
+    """Check every file against the manifest's sizes and sha256, and each graph's I/O schema."""
+    from ..runtime.verify import verify as run_verify
+
+    for line in run_verify(artifacts, hashes=not no_hash):
+        click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="sdc", standalone_mode=False)
+    except SdcError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

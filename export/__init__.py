@@ -1,0 +1,1 @@
+"""Build side (torch): model sources, GraphSpecs, ONNX export, the parity gate, `build()`."""

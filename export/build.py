@@ -1,0 +1,336 @@
+"""`sdc build`: model -> per-stage ONNX graphs + manifest, gated by parity, written atomically.
+
+Flow per component (text_encoder, unet, vae -> vae_decoder + vae_encoder):
+  load fp32 -> torch references on the parity cases -> cast (fp16 policy) -> export -> free the
+  torch module -> run the ONNX graph in ORT against the references (hard fail).
+Only one component's torch weights are alive at a time and no torch module is alive while ORT
+runs, which bounds build memory by the biggest component (the UNet), not the sum.
+
+Output is written into `<parent>/.sdc-tmp-<name>-<pid>/`, the manifest last, and renamed onto the
+output directory only after every graph passed: an interrupted or failed build never leaves a
+directory with a manifest, and a previous good build at the same path survives a failed rebuild.
+Builds are cached by content key (model weights' hashes, options, versions): same key -> reuse.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import SdcError
+from ..runtime import manifest as mf
+from .memory import process_peak_rss_bytes
+from .specs import GRAPH_SPECS, STAGES, ModelDims
+
+PRECISIONS = ("fp16", "fp32")
+TMP_PREFIX = ".sdc-tmp-"
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None  # path; None = the built-in model
+    precision: str = "fp16"  # fp16 (GPU target) | fp32 (CPU target)
+    out: Path | None = None  # default: artifacts/<model name>-<precision>
+    force: bool = False  # rebuild even when the build key matches
+    config: str | None = None  # component configs for non-standard single-file checkpoints
+    stages: tuple[str, ...] = STAGES
+    artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    reused: bool
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    return {"sdc": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def build_key(source_hash: str, opts: BuildOptions, versions: dict) -> str:
+    """Content key: what the graphs depend on. LoRAs/embeddings join it when fusion lands."""
+    from .exporter import OPSET
+
+    payload = {"source": source_hash, "precision": opts.precision, "stages": list(opts.stages),
+               "opset": OPSET, "loras": [], "embeddings": [],
+               "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _check_out(out: Path) -> None:
+    """Refuse outputs we must not overwrite, before spending minutes exporting."""
+    if out.exists() and not out.is_dir():
+        raise SdcError(f"--out {out} is a file; expected a directory path for the build")
+    if out.is_dir() and any(out.iterdir()) and not mf.is_sdc_build(out):
+        raise SdcError(f"--out {out} holds files that are not an sdc build; choose an empty or new "
+                       "directory (sdc only replaces its own builds)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdcError(f"--out {out}: cannot create parent directory ({e.strerror}); choose a "
+                       "writable location") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SdcError(f"--out {out}: {parent} is not writable; choose a writable location")
+
+
+def _reusable(out: Path, key: str) -> dict | None:
+    if not mf.is_sdc_build(out):
+        return None
+    try:
+        manifest = mf.load_manifest(out)
+    except SdcError:
+        return None
+    if manifest.get("build_key") != key or mf.verify_files(out, manifest, hashes=False):
+        return None
+    return manifest
+
+
+def _clean_stale_tmp(parent: Path) -> None:
+    """Remove temp dirs of builds whose process is gone (killed builds leave them behind)."""
+    for d in parent.glob(f"{TMP_PREFIX}*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
+                     tmp: Path, log: Callable[[str], None]) -> dict:
+    from .exporter import export_graph, quiet_torch_stack, wrap
+    from .parity import check_graph, parity_cases, torch_references
+
+    t0 = time.perf_counter()
+    with quiet_torch_stack():
+        module = source.load(component)
+    log(f"[{component}] loaded fp32 ({sum(p.numel() for p in module.parameters()) / 1e6:.2f} M "
+        f"params, {time.perf_counter() - t0:.1f} s)")
+    plans = {}
+    for stage in stages:
+        spec = GRAPH_SPECS[stage]
+        feeds = parity_cases(spec, dims)
+        refs = torch_references(wrap(spec, module), spec, feeds)
+        graph_precision = "fp32" if precision == "fp32" or spec.fp16_policy == "fp32" else "fp16"
+        plans[stage] = (spec, feeds, refs, graph_precision)
+    results = {}
+    for stage, (spec, feeds, refs, graph_precision) in plans.items():
+        if graph_precision == "fp16" and module.dtype != _torch_half():
+            module = module.half()  # in place: the fp32 copy is gone, references are kept
+        elif graph_precision == "fp32" and module.dtype == _torch_half():
+            raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
+        t0 = time.perf_counter()
+        facts = export_graph(spec, wrap(spec, module), dims, tmp / stage)
+        log(f"[{stage}] exported {graph_precision} ({time.perf_counter() - t0:.1f} s)")
+        results[stage] = {"graph_precision": graph_precision, **facts}
+    # Free the torch weights before ORT loads the graphs: the two never coexist in memory.
+    del module
+    gc.collect()
+    for stage, (spec, feeds, refs, graph_precision) in plans.items():
+        report, memory = check_graph(spec, tmp / stage / "model.onnx", graph_precision, feeds, refs)
+        op = "<=" if report["metric"] == "max_rel" else ">="
+        log(f"[{stage}] parity {report['metric']} {report['value']:.3g} {op} {report['threshold']} "
+            f"over {len(report['cases'])} shapes: passed")
+        results[stage].update(parity=report, memory=memory)
+    return results
+
+
+def _torch_half():
+    import torch
+
+    return torch.float16
+
+
+def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: dict) -> dict:
+    from .exporter import OPSET, numpy_dtype
+    import onnx
+
+    spec = GRAPH_SPECS[stage]
+    proto = onnx.load(str(tmp / stage / "model.onnx"), load_external_data=False)
+    declared = {i.name: numpy_dtype(i.type.tensor_type.elem_type)
+                for i in list(proto.graph.input) + list(proto.graph.output)}
+    io = {}
+    for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        io[kind] = []
+        for t in tensors:
+            entry = t.resolve(dims)
+            if declared.get(t.name) != t.dtype:
+                raise AssertionError(f"{stage}.{t.name}: graph dtype {declared.get(t.name)} != spec")
+            io[kind].append(entry)
+    precision = result["graph_precision"]
+    reason = ("fp32 build" if precision == "fp32" and spec.fp16_policy != "fp32" else
+              "kept fp32: the SD VAE overflows fp16 (NaN/black images) on some latents"
+              if spec.fp16_policy == "fp32" else "fp16 build")
+    return {
+        "description": spec.description,
+        "files": sorted(rel for rel in files if rel.startswith(f"{stage}/")),
+        "opset": OPSET,
+        "precision": precision,
+        "precision_reason": reason,
+        **io,
+        "latent_multiple": dims.unet_multiple if stage == "unet" else 1,
+        "parity": result["parity"],
+        "memory": result["memory"],
+        "weights": result["weights"],
+    }
+
+
+def _copy_tokenizer_and_scheduler(source, tmp: Path) -> dict:
+    tok = tmp / "tokenizer"
+    tok.mkdir()
+    src = source.tokenizer_dir()
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "LICENSE"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, tok / name)
+    if not (tok / "tokenizer.json").is_file():
+        # Older SD folders ship only vocab.json + merges.txt; the runtime's `tokenizers` library
+        # reads tokenizer.json, which transformers' CLIP tokenizer writes from those two.
+        from transformers import CLIPTokenizer
+
+        CLIPTokenizer.from_pretrained(str(src)).save_pretrained(str(tok))
+    sched = tmp / "scheduler"
+    sched.mkdir()
+    config = source.scheduler_config()
+    (sched / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"class": config.get("_class_name"), "prediction_type": config.get("prediction_type",
+                                                                             "epsilon")}
+
+
+def _write_model_index(tmp: Path, stages) -> None:
+    """Optimum's layout: a model_index.json naming each component folder."""
+    index = {"_class_name": "ORTStableDiffusionPipeline", "_sdc": "see manifest.json",
+             "scheduler": ["diffusers", "PNDMScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    for stage in stages:
+        index[stage] = ["optimum", "ORTModel"]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def default_out(opts: BuildOptions, source_name: str) -> Path:
+    return opts.artifacts_root / f"{source_name}-{opts.precision}"
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
+    from .sources import resolve_model
+
+    if opts.precision not in PRECISIONS:
+        raise SdcError(f"--precision {opts.precision}: expected one of {', '.join(PRECISIONS)}"
+                       " (int8 lands with the quantisation work)")
+    unknown = [s for s in opts.stages if s not in GRAPH_SPECS]
+    if unknown or not opts.stages:
+        raise SdcError(f"unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+    # Never reach a model hub: every config and tokenizer file is local or shipped.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
+    source = resolve_model(opts.model, opts.config)
+    try:
+        out = Path(opts.out) if opts.out else default_out(opts, source.name)
+        out = out.absolute()
+        _check_out(out)
+        if source.stand_in:
+            log(f"model: {source.name} — {source.note}")
+        else:
+            log(f"model: {source.name} ({source.kind}, {source.family}) from {source.path}")
+        versions = _versions()
+        source_hash = source.content_hash()
+        key = build_key(source_hash, opts, versions)
+        if not opts.force and (manifest := _reusable(out, key)):
+            log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
+            return BuildResult(out, manifest, reused=True)
+        _clean_stale_tmp(out.parent)
+        tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start)
+            _move_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"wrote {out} in {manifest['build']['seconds']:.1f} s, peak RSS "
+            f"{manifest['build']['peak_rss_bytes'] / 2**30:.2f} GiB")
+        return BuildResult(out, manifest, reused=False)
+    finally:
+        source.close()
+
+
+def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, opts: BuildOptions,
+                log, t_start: float) -> dict:
+    dims = source.dims()
+    stages = [s for s in STAGES if s in opts.stages]
+    by_component: dict[str, list[str]] = {}
+    for s in stages:
+        by_component.setdefault(GRAPH_SPECS[s].component, []).append(s)
+    results = {}
+    for component, comp_stages in by_component.items():
+        # fp32 graphs first: the module is cast to fp16 in place for the fp16 ones.
+        comp_stages.sort(key=lambda s: GRAPH_SPECS[s].fp16_policy != "fp32")
+        results.update(_build_component(source, component, comp_stages, opts.precision, dims,
+                                        tmp, log))
+    scheduler = _copy_tokenizer_and_scheduler(source, tmp)
+    _write_model_index(tmp, stages)
+    files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
+    manifest = {
+        "format": mf.FORMAT,
+        "format_version": mf.FORMAT_VERSION,
+        "build_key": key,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "base_model": {
+            "name": source.name, "kind": source.kind, "family": source.family,
+            "source": str(source.path) if not source.stand_in else "built-in (generated)",
+            "sha256": source_hash, "stand_in": source.stand_in, "note": source.note,
+        },
+        "precision": opts.precision,
+        "model": {**dims.as_dict(), "prediction_type": scheduler["prediction_type"]},
+        "pipeline": [s for s in mf.PIPELINE if s in stages],
+        "scheduler": {"class": scheduler["class"], "config": "scheduler/scheduler_config.json"},
+        "tokenizer": {"files": sorted(r for r in files if r.startswith("tokenizer/")),
+                      "max_length": dims.max_sequence},
+        "graphs": {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages},
+        "loras": [],
+        "embeddings": [],
+        "files": files,
+        "build": {"seconds": round(time.perf_counter() - t_start, 2),
+                  "peak_rss_bytes": process_peak_rss_bytes()},
+    }
+    mf.write_manifest(tmp, manifest)
+    return manifest
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished build onto `out`; an old sdc build there is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f"{TMP_PREFIX}old-{out.name}-{os.getpid()}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

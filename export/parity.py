@@ -1,0 +1,93 @@
+"""The parity gate: every exported graph must reproduce its torch module, or the build fails.
+
+References always come from the fp32 torch module (computed before any fp16 cast), at the spec's
+parity cases (a square batch-2 case and a non-square batch-1 case, so dynamic axes are exercised).
+Metrics and thresholds:
+  fp32 graphs  max_rel = max|onnx - torch| / max|torch| <= spec.fp32_max_rel (1e-4). The exporter's
+               own noise is ~1e-6 (op reordering); 1e-4 leaves two orders of margin while still
+               catching a wrong op, a wrong weight or a broken dynamic axis (errors of order 1).
+  fp16 graphs  PSNR = 20 log10((max - min of torch) / RMSE) >= spec.fp16_min_psnr (35 dB, the gate
+               Apple's Core ML conversion uses). Half precision alone costs ~60 dB of headroom on
+               these graphs, so 35 dB fails on real damage (overflow, NaN, a wrong layer) only.
+Non-finite outputs always fail. Results go into the manifest whether or not they pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ParityError
+from .memory import PeakRss
+from .specs import GraphSpec, ModelDims
+
+
+def parity_cases(spec: GraphSpec, dims: ModelDims) -> dict[str, dict[str, np.ndarray]]:
+    cases = spec.case_dims(dims)
+    return {name: spec.dummy_inputs(dims, cases[name], seed=i + 1)
+            for i, name in enumerate(("square", "non_square"))}
+
+
+def torch_references(graph, spec: GraphSpec, feeds_by_case: dict) -> dict[str, np.ndarray]:
+    """Run the (fp32) wrapped torch module on every parity case."""
+    import torch
+
+    refs = {}
+    with torch.no_grad():
+        for case, feeds in feeds_by_case.items():
+            args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
+            refs[case] = graph(*args).float().numpy()
+    return refs
+
+
+def compare(ref: np.ndarray, out: np.ndarray, graph_precision: str, spec: GraphSpec) -> dict:
+    if out.shape != ref.shape:
+        return {"value": None, "passed": False, "detail": f"shape {out.shape} != torch {ref.shape}"}
+    if not np.isfinite(out).all():
+        return {"value": None, "passed": False, "detail": "non-finite values in ONNX output"}
+    diff = out.astype(np.float64) - ref.astype(np.float64)
+    if graph_precision == "fp32":
+        value = float(np.abs(diff).max() / max(np.abs(ref).max(), 1e-12))
+        return {"value": value, "passed": value <= spec.fp32_max_rel}
+    rmse = math.sqrt(float(np.mean(diff**2)))
+    peak = float(ref.max() - ref.min())
+    value = float("inf") if rmse == 0 else 20 * math.log10(max(peak, 1e-12) / rmse)
+    return {"value": value, "passed": value >= spec.fp16_min_psnr}
+
+
+def check_graph(spec: GraphSpec, onnx_path: Path, graph_precision: str,
+                feeds_by_case: dict, refs: dict) -> dict:
+    """Run the ONNX graph in onnxruntime (CPU) on every case; raise ParityError on any failure."""
+    import onnxruntime as ort
+
+    metric, threshold = (("max_rel", spec.fp32_max_rel) if graph_precision == "fp32"
+                         else ("psnr_db", spec.fp16_min_psnr))
+    results = []
+    with PeakRss() as peak:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        for case, feeds in feeds_by_case.items():
+            out = session.run(None, feeds)[0]
+            res = compare(refs[case], out, graph_precision, spec)
+            shape = {t.name: list(feeds[t.name].shape) for t in spec.inputs}
+            results.append({"case": case, "input_shapes": shape, **res})
+        del session
+    worst = [r["value"] for r in results if r["value"] is not None]
+    passed = all(r["passed"] for r in results)
+    report = {
+        "metric": metric, "threshold": threshold, "reference": "torch fp32",
+        "value": (max(worst) if metric == "max_rel" else min(worst)) if worst else None,
+        "passed": passed, "cases": results,
+    }
+    if not passed:
+        bad = next(r for r in results if not r["passed"])
+        shown = bad.get("detail") or f"{metric}={bad['value']:.4g}"
+        op = "<=" if metric == "max_rel" else ">="
+        raise ParityError(f"parity failed for graph {spec.stage} (case {bad['case']}, inputs "
+                          f"{bad['input_shapes']}): {shown}, required {metric} {op} {threshold}; "
+                          "the build was not written")
+    return report, {"peak_rss_bytes": peak.bytes, "at": results[0]["input_shapes"],
+                    "what": "ORT CPU session create + parity runs, RSS above the pre-session level"}

@@ -1,0 +1,322 @@
+"""Model inputs for `sdc build`: what MODEL points at, what family it is, and how to load each part.
+
+Three kinds, all offline:
+  diffusers     a diffusers-format SD1.x folder (model_index.json, unet/, vae/, text_encoder/, ...)
+  single_file   an A1111/CompVis checkpoint (.safetensors, or .ckpt/.pt unpickled weights-only)
+  builtin-random  no MODEL: the tiny random stand-in for sdc-tiny (see tiny_model.py)
+
+The family (SD1.x / SD2.x / SDXL / ...) is detected from metadata before any tensor is loaded: the
+diffusers configs, or the safetensors header (key names and shapes). A model sdc cannot build yet
+is refused naming what it is. Single-file checkpoints are converted with diffusers' own converters
+against the SD1.x component configs shipped in export/data/sd15 (no hub access).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SdcError
+from ..runtime.manifest import sha256_file
+from .specs import ModelDims
+from .tiny_model import SD15_CONFIGS, TINY_NAME, write_tiny_model
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# Where each diffusers component lives inside an A1111/CompVis checkpoint.
+LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metadata without loading tensors
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The safetensors header {name: {dtype, shape, data_offsets}}; refuses truncated files."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SdcError(f"{path}: not a safetensors file ({size} bytes, expected an 8-byte "
+                           "header length first); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise SdcError(f"{path}: truncated or not a safetensors file (header claims {n} bytes, "
+                           f"file has {size}); re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SdcError(f"{path}: not a safetensors file (header is not JSON); re-download it")
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise SdcError(f"{path}: truncated safetensors file (tensors need {8 + n + end} bytes, "
+                       f"file has {size}); re-download or re-copy it")
+    return header
+
+
+def _load_pickled_weights(path: Path) -> dict:
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SdcError(f"{path}: cannot be read as a weights-only checkpoint ({first[:160]}); "
+                       "sdc never unpickles code, convert it to .safetensors") from None
+    while isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise SdcError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    return sd
+
+
+def _shapes_of(path: Path) -> tuple[dict[str, list[int]], dict | None]:
+    """Key -> shape for a single-file checkpoint, plus the loaded dict for pickles (else None)."""
+    if path.suffix == ".safetensors":
+        return {k: v["shape"] for k, v in read_safetensors_header(path).items()}, None
+    sd = _load_pickled_weights(path)
+    return {k: list(v.shape) for k, v in sd.items() if hasattr(v, "shape")}, sd
+
+
+def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
+    """'sd1' or an SdcError naming what the checkpoint is."""
+    keys = shapes.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("lora_unet_") or has("lora_te") or any(".lora_" in k or "lora_A" in k for k in keys):
+        raise SdcError(f"{path}: this is a LoRA adapter, not a base model; pass it as "
+                       "`sdc build MODEL --lora PATH`")
+    if has("conditioner.embedders."):
+        raise SdcError(f"{path}: SDXL checkpoint (conditioner.embedders.* keys); sdc builds SD1.x "
+                       "only for now, use an SD1.x model")
+    if has("model.diffusion_model.joint_blocks") or has("model.diffusion_model.double_blocks"):
+        raise SdcError(f"{path}: SD3/Flux (transformer) checkpoint; sdc builds SD1.x UNet models only")
+    if not has("model.diffusion_model."):
+        sample = ", ".join(list(keys)[:3])
+        raise SdcError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet "
+                       f"weights; keys look like: {sample}); expected an SD1.x .safetensors/.ckpt")
+    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    context = shapes[to_k][1] if to_k in shapes else None
+    if has("cond_stage_model.model.") or context == 1024:
+        raise SdcError(f"{path}: SD2.x checkpoint (OpenCLIP text encoder, context 1024); sdc builds "
+                       "SD1.x only for now")
+    if not has("cond_stage_model.transformer."):
+        raise SdcError(f"{path}: checkpoint has no CLIP text encoder "
+                       "(cond_stage_model.transformer.*); expected a full SD1.x checkpoint")
+    if not has("first_stage_model."):
+        raise SdcError(f"{path}: checkpoint has no VAE (first_stage_model.*); expected a full SD1.x "
+                       "checkpoint")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
+    if conv_in[1] != 4:
+        what = {9: "an SD1.x inpainting model", 8: "an instruct-pix2pix model"}.get(
+            conv_in[1], f"a {conv_in[1]}-channel UNet")
+        raise SdcError(f"{path}: this is {what} (UNet takes {conv_in[1]} input channels); sdc "
+                       "builds text-to-image SD1.x (4 channels) only for now")
+    if context not in (None, 768):
+        raise SdcError(f"{path}: UNet cross-attention width is {context}, SD1.x has 768; "
+                       "unknown model family")
+    return "sd1"
+
+
+def detect_diffusers_family(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = index.get("_class_name", "?")
+    if "XL" in cls:
+        raise SdcError(f"{folder}: SDXL pipeline ({cls}); sdc builds SD1.x only for now")
+    if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                   "OnnxStableDiffusionPipeline", "ORTStableDiffusionPipeline"):
+        raise SdcError(f"{folder}: model_index.json names {cls}, expected StableDiffusionPipeline "
+                       "(SD1.x)")
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise SdcError(f"{folder}: missing {part}/config.json; expected a diffusers SD1.x folder "
+                           "with unet/, vae/, text_encoder/")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if unet.get("cross_attention_dim") == 1024:
+        raise SdcError(f"{folder}: SD2.x model (cross_attention_dim 1024); sdc builds SD1.x only for now")
+    if unet.get("in_channels", 4) != 4:
+        raise SdcError(f"{folder}: UNet takes {unet['in_channels']} input channels (inpainting or "
+                       "pix2pix); sdc builds text-to-image SD1.x (4 channels) only for now")
+    if unet.get("addition_embed_type"):
+        raise SdcError(f"{folder}: UNet uses addition_embed_type={unet['addition_embed_type']} "
+                       "(SDXL-style); sdc builds SD1.x only for now")
+    return "sd1"
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The source object
+
+
+@dataclass
+class ModelSource:
+    kind: str  # diffusers | single_file | builtin-random
+    path: Path
+    name: str
+    family: str
+    config_dir: Path  # folder holding unet/vae/text_encoder configs, tokenizer/, scheduler/
+    weight_files: list[Path]
+    note: str = ""
+    _state_dict: dict | None = field(default=None, repr=False)  # loaded pickle (single_file .ckpt)
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def stand_in(self) -> bool:
+        return self.kind == "builtin-random"
+
+    def content_hash(self) -> str:
+        """sha256 over every weight and config file that defines the model."""
+        h = hashlib.sha256()
+        named = [(str(f.relative_to(self.path)) if self.path.is_dir() else f.name, f)
+                 for f in self.weight_files]
+        configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json"]
+        named += [(str(f.relative_to(self.config_dir)), f) for f in configs if f.is_file()]
+        for rel, f in named:
+            h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+        return h.hexdigest()
+
+    def dims(self) -> ModelDims:
+        cfg = self.configs()
+        unet, vae, te = cfg["unet"], cfg["vae"], cfg["text_encoder"]
+        return ModelDims(
+            hidden_size=int(te["hidden_size"]),
+            vocab_size=int(te["vocab_size"]),
+            max_sequence=int(te.get("max_position_embeddings", 77)),
+            latent_channels=int(vae.get("latent_channels", 4)),
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            unet_multiple=2 ** (len(unet["block_out_channels"]) - 1),
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        )
+
+    def configs(self) -> dict:
+        return {p: json.loads((self.config_dir / p / "config.json").read_text())
+                for p in ("unet", "vae", "text_encoder")}
+
+    def scheduler_config(self) -> dict:
+        return json.loads((self.config_dir / "scheduler" / "scheduler_config.json").read_text())
+
+    def tokenizer_dir(self) -> Path:
+        own = self.config_dir / "tokenizer"
+        return own if (own / "vocab.json").is_file() else SD15_CONFIGS / "tokenizer"
+
+    def load(self, component: str):
+        """The fp32 torch module for a diffusers component name (unet, vae, text_encoder)."""
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        if self.kind != "single_file":
+            if component == "text_encoder":
+                m = CLIPTextModel.from_pretrained(self.path / "text_encoder", dtype=torch.float32)
+            else:
+                cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+                m = cls.from_pretrained(self.path, subfolder=component, torch_dtype=torch.float32)
+            return m.eval()
+        sd = self._component_state_dict(component)
+        # diffusers' own LDM -> diffusers converters, fed the shipped SD1.x configs (offline).
+        if component == "text_encoder":
+            from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+            m = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, sd, subfolder="text_encoder", config=str(self.config_dir),
+                torch_dtype=torch.float32, local_files_only=True)
+        else:
+            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+            m = cls.from_single_file(sd, config=str(self.config_dir), subfolder=component,
+                                     torch_dtype=torch.float32, local_files_only=True)
+        return m.float().eval()
+
+    def _component_state_dict(self, component: str) -> dict:
+        prefix = LDM_PREFIXES[component]
+        if self._state_dict is not None:
+            return {k: v for k, v in self._state_dict.items() if k.startswith(prefix)}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+    def close(self) -> None:
+        self._state_dict = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _diffusers_weight_files(folder: Path) -> list[Path]:
+    files = []
+    for part in ("unet", "vae", "text_encoder"):
+        found = sorted(p for p in (folder / part).iterdir()
+                       if p.suffix in (".safetensors", ".bin") and p.is_file())
+        if not found:
+            raise SdcError(f"{folder}: {part}/ has no weights (.safetensors or .bin); expected a "
+                           "complete diffusers SD1.x folder")
+        for p in found:
+            if p.suffix == ".safetensors":
+                read_safetensors_header(p)  # refuses truncated files before diffusers chokes
+        files += found
+    return files
+
+
+def _check_single_file_fits(shapes: dict, config_dir: Path, path: Path) -> None:
+    """A checkpoint whose widths differ from the configs would fail deep inside diffusers."""
+    unet = json.loads((config_dir / "unet" / "config.json").read_text())
+    te = json.loads((config_dir / "text_encoder" / "config.json").read_text())
+    checks = [
+        ("model.diffusion_model.input_blocks.0.0.weight", 0, unet["block_out_channels"][0], "UNet width"),
+        ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", 1,
+         te["hidden_size"], "text encoder width"),
+    ]
+    for key, axis, want, what in checks:
+        if key in shapes and shapes[key][axis] != want:
+            raise SdcError(f"{path}: {what} is {shapes[key][axis]}, the configs in {config_dir} say "
+                           f"{want}; pass --config DIR with this model's diffusers component configs")
+
+
+def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
+    """Turn the MODEL argument into a validated ModelSource (raises SdcError on bad input).
+
+    `config` is a diffusers-format folder of component configs for single-file checkpoints that
+    are not the standard SD1.x size (default: the shipped SD1.5 configs).
+    """
+    if model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sdc-tiny-")
+        folder = write_tiny_model(Path(tmp.name) / TINY_NAME)
+        src = ModelSource("builtin-random", folder, TINY_NAME, "sd1", folder,
+                          _diffusers_weight_files(folder), _tmp=tmp,
+                          note="stand-in: tiny SD1 architecture with random weights (seed 0) until "
+                               "the trained sdc-tiny ships; images are noise")
+        return src
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise SdcError(f"model not found: {path}; expected a diffusers SD1.x folder or a "
+                       ".safetensors/.ckpt checkpoint (omit MODEL for the built-in one)")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SdcError(f"{path}: not a diffusers model folder (no model_index.json); expected a "
+                           "diffusers SD1.x folder or a single-file checkpoint")
+        family = detect_diffusers_family(path)
+        return ModelSource("diffusers", path.resolve(), path.resolve().name, family, path.resolve(),
+                           _diffusers_weight_files(path))
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise SdcError(f"{path}: unknown model file type '{path.suffix}'; expected .safetensors or "
+                       ".ckpt (or a diffusers folder)")
+    config_dir = Path(config).resolve() if config else SD15_CONFIGS
+    for part in ("unet", "vae", "text_encoder"):
+        if not (config_dir / part / "config.json").is_file():
+            raise SdcError(f"--config {config_dir}: missing {part}/config.json; expected a diffusers "
+                           "folder's component configs")
+    shapes, state_dict = _shapes_of(path)
+    family = detect_single_file_family(shapes, path)
+    _check_single_file_fits(shapes, config_dir, path)
+    return ModelSource("single_file", path.resolve(), path.stem, family, config_dir, [path.resolve()],
+                       _state_dict=state_dict)

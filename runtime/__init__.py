@@ -1,0 +1,1 @@
+"""Run side: torch-free (onnxruntime, numpy, tokenizers, pillow). Reads only the manifest."""
