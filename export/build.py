@@ -121,7 +121,8 @@ def _clean_stale_tmp(parent: Path) -> None:
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
                      tmp: Path, log: Callable[[str], None]) -> dict:
-    from .exporter import export_graph, quiet_torch_stack, wrap
+    from .exporter import export_graph, wrap
+    from .quiet import quiet_torch_stack
     from .parity import check_graph, parity_cases, torch_references
 
     t0 = time.perf_counter()

@@ -10,17 +10,14 @@ always stored as external data (`model.onnx_data`) for the same reason.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
+from .quiet import quiet_torch_stack
 from .specs import GraphSpec, ModelDims
 
 ONNX_FILE = "model.onnx"
@@ -88,33 +85,6 @@ WRAPPER_PREFIX = {"text_encoder": "text_encoder.", "unet": "unet.", "vae_decoder
 
 def wrap(spec: GraphSpec, component) -> torch.nn.Module:
     return GRAPH_MODULES[spec.stage](component).eval()
-
-
-@contextlib.contextmanager
-def quiet_torch_stack():
-    """The exporter and the HF loaders print progress lines, bars and warnings that bury the
-    build's own log; silence them for the block and restore every setting afterwards."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled())
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        tlog.disable_progress_bar()
-        dlog.disable_progress_bar()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        if bars[0]:
-            tlog.enable_progress_bar()
-        if bars[1]:
-            dlog.enable_progress_bar()
 
 
 def export_graph(spec: GraphSpec, graph: torch.nn.Module, dims: ModelDims, out_dir: Path) -> dict:

@@ -122,9 +122,6 @@ def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
             conv_in[1], f"a {conv_in[1]}-channel UNet")
         raise SdcError(f"{path}: this is {what} (UNet takes {conv_in[1]} input channels); sdc "
                        "builds text-to-image SD1.x (4 channels) only for now")
-    if context not in (None, 768):
-        raise SdcError(f"{path}: UNet cross-attention width is {context}, SD1.x has 768; "
-                       "unknown model family")
     return "sd1"
 
 
@@ -234,7 +231,7 @@ class ModelSource:
             cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
             m = cls.from_single_file(sd, config=str(self.config_dir), subfolder=component,
                                      torch_dtype=torch.float32, local_files_only=True)
-        return m.float().eval()
+        return m.eval()
 
     def _component_state_dict(self, component: str) -> dict:
         prefix = LDM_PREFIXES[component]
@@ -275,6 +272,8 @@ def _check_single_file_fits(shapes: dict, config_dir: Path, path: Path) -> None:
         ("model.diffusion_model.input_blocks.0.0.weight", 0, unet["block_out_channels"][0], "UNet width"),
         ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", 1,
          te["hidden_size"], "text encoder width"),
+        ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1,
+         unet["cross_attention_dim"], "UNet cross-attention width"),
     ]
     for key, axis, want, what in checks:
         if key in shapes and shapes[key][axis] != want:
@@ -289,8 +288,11 @@ def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
     are not the standard SD1.x size (default: the shipped SD1.5 configs).
     """
     if model is None:
+        from .quiet import quiet_torch_stack
+
         tmp = tempfile.TemporaryDirectory(prefix="sdc-tiny-")
-        folder = write_tiny_model(Path(tmp.name) / TINY_NAME)
+        with quiet_torch_stack():
+            folder = write_tiny_model(Path(tmp.name) / TINY_NAME)
         src = ModelSource("builtin-random", folder, TINY_NAME, "sd1", folder,
                           _diffusers_weight_files(folder), _tmp=tmp,
                           note="stand-in: tiny SD1 architecture with random weights (seed 0) until "

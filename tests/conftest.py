@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real SD1 models and real `sdc build` runs, built once per session.
+
+Builds cost ~20-45 s each on 2 cores (the dynamo exporter dominates), so every test that only
+reads a build shares these session fixtures instead of building its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny.py, ldm_checkpoint.py)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
+
+
+def run_sdc(*args, cwd=None, timeout=900, check=True) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess: real exit codes, real stderr."""
+    cmd = [sys.executable, "-m", "sdc.cli.main", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sdc {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    from tiny import make_tiny_folder
+
+    return make_tiny_folder(tmp_path_factory.mktemp("models") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def build_fp32(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
+    run_sdc("build", tiny_folder, "--precision", "fp32", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def build_fp16(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp16"
+    run_sdc("build", tiny_folder, "--precision", "fp16", "--out", out)
+    return out
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())
