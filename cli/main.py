@@ -8,7 +8,9 @@ its code (no traceback unless --debug). Build-side imports happen inside the com
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -29,7 +31,7 @@ def _console():
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """sdc: compile Stable Diffusion v1.x into lean ONNX graphs, and run them."""
-    ctx.obj = {"debug": debug}
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 @cli.command()
@@ -43,13 +45,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Diffusers component configs for a single-file checkpoint of non-SD1.5 size.")
 @click.option("--stages", default=",".join(("text_encoder", "unet", "vae_decoder", "vae_encoder")),
               show_default=True, help="Comma-separated graphs to build.")
-def build(model, precision, out, force, config, stages) -> None:
+@click.pass_obj
+def build(obj, model, precision, out, force, config, stages) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
     from ..export.build import BuildOptions, build as run_build
 
     console = _console()
     opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
-                        stages=tuple(s.strip() for s in stages.split(",") if s.strip()))
+                        stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                        cancel=obj.get("cancel"))
     with console.status("building…", spinner="dots") as status:
         def log(msg: str) -> None:
             console.log(msg, markup=False)
@@ -85,17 +89,45 @@ def verify(artifacts: Path, no_hash: bool) -> None:
         click.echo(line)
 
 
+def _cancel_on_signals() -> tuple[threading.Event, dict]:
+    """Ctrl-C and SIGTERM (schedulers, `timeout`, `kill`) cancel the command.
+
+    The handler raises KeyboardInterrupt *and* sets an event: Python swallows an exception raised
+    while a garbage-collector callback runs, so long commands also check the event at every step
+    boundary and before anything is moved into place.
+    """
+    cancel = threading.Event()
+
+    def handler(signum, frame):
+        cancel.set()
+        raise KeyboardInterrupt
+
+    def unraisable(info):  # the interrupt swallowed by a gc callback: recorded in `cancel`
+        if not issubclass(info.exc_type, KeyboardInterrupt):
+            sys.__unraisablehook__(info)
+
+    previous = {"unraisablehook": sys.unraisablehook}
+    sys.unraisablehook = unraisable
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread (embedded use): leave signals to the host
+        pass
+    return cancel, previous
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    cancel, previous = _cancel_on_signals()
     try:
-        cli.main(args=argv, prog_name="sdc", standalone_mode=False)
+        cli.main(args=argv, prog_name="sdc", standalone_mode=False, obj={"cancel": cancel})
     except SdcError as e:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # click's wrapping of KeyboardInterrupt
+        click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -103,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    finally:
+        sys.unraisablehook = previous.pop("unraisablehook")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +45,12 @@ class BuildOptions:
     config: str | None = None  # component configs for non-standard single-file checkpoints
     stages: tuple[str, ...] = STAGES
     artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
+    cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
+
+
+def _check_cancel(opts: BuildOptions) -> None:
+    if opts.cancel is not None and opts.cancel.is_set():
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -267,6 +274,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         tmp.mkdir()
         try:
             manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start)
+            _check_cancel(opts)
             _move_into_place(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -288,8 +296,10 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
     for component, comp_stages in by_component.items():
         # fp32 graphs first: the module is cast to fp16 in place for the fp16 ones.
         comp_stages.sort(key=lambda s: GRAPH_SPECS[s].fp16_policy != "fp32")
+        _check_cancel(opts)
         results.update(_build_component(source, component, comp_stages, opts.precision, dims,
                                         tmp, log))
+        _check_cancel(opts)
     scheduler = _copy_tokenizer_and_scheduler(source, tmp)
     _write_model_index(tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
