@@ -1,0 +1,39 @@
+# sdc developer entry points. Each target sets up .venv itself, so on a fresh machine
+# `make demo` and `make test` are each one command.
+#
+# torch is installed first and pinned: torch==2.13.0 is a CPU build on this project's machines;
+# an unpinned torch (or anything asking for one before it is installed) pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SDC    := $(VENV)/bin/sdc
+STAMP  := $(VENV)/.sdc-installed
+TORCH  := torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Build the built-in model (CPU target: fp32) and show what was built.
+demo: venv
+	$(SDC) build --precision fp32
+	$(SDC) verify artifacts/sdc-tiny-random-fp32
+	$(SDC) inspect artifacts/sdc-tiny-random-fp32
+
+test: venv
+	$(PY) -m pytest -q
+
+# Full-size SD1.5 architecture (random weights): build time, peak RSS, sizes. Not a test.
+bench: venv
+	$(PY) bench/build_fullsize.py
+
+clean:
+	rm -rf artifacts/sdc-tiny-random-* .pytest_cache
