@@ -64,6 +64,76 @@ def build(obj, model, precision, out, force, config, stages) -> None:
 
 
 @cli.command()
+@click.argument("prompt")
+@click.option("-a", "--artifacts", type=click.Path(path_type=Path), default=None,
+              help="Build directory [default: the newest under ./artifacts].")
+@click.option("--negative", default="", help="Negative prompt.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True,
+              help="Classifier-free guidance scale; <= 1 skips the unconditional branch.")
+@click.option("--seed", type=int, default=None, help="Seed [default: random, printed].")
+@click.option("--width", type=int, default=None, help="Pixels [default: the model's native size].")
+@click.option("--height", type=int, default=None, help="Pixels [default: the model's native size].")
+@click.option("--scheduler", default=None,
+              help="ddim|pndm|euler|euler-a|dpmpp-2m|dpmpp-2m-karras|lms [default: the build's].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images (seeds S, S+1, ...).")
+@click.option("--provider", default="auto", show_default=True, help="auto|cpu|cuda")
+@click.option("--latents", "latents", type=click.Path(path_type=Path), default=None,
+              help="Initial noise .npy, float32 [batch, C, H/f, W/f].")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img source.")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="img2img: how much of the schedule to re-noise, in (0, 1].")
+@click.option("--vae-tile", type=int, default=32, show_default=True,
+              help="VAE decode tile in latents (0 = untiled).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
+              help="A .png file, or a folder for <seed>.png files.")
+@click.option("--no-verify", is_flag=True, help="Skip sha256 of the artifacts (sizes still checked).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the written paths.")
+def run(prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
+        provider, latents, init_image, strength, vae_tile, out, no_verify, quiet) -> None:
+    """Generate images for PROMPT from a build (torch-free)."""
+    from ..runtime.outputs import output_paths
+    from ..runtime.pipeline import GenerateOptions, run_pipeline
+    from ..runtime.png import save_png
+
+    opts = GenerateOptions(prompt=prompt, artifacts=artifacts, negative=negative, steps=steps,
+                           guidance=guidance, seed=seed, width=width, height=height,
+                           scheduler=scheduler, batch=batch, provider=provider, latents=latents,
+                           init_image=init_image, strength=strength, verify=not no_verify,
+                           vae_tile=vae_tile)
+    if batch < 1:
+        raise SdcError(f"--batch {batch}: expected an integer from 1 to 64")
+    output_paths(out, [0] * batch)  # refuse an unwritable --out before minutes of work
+    console = _console()
+    log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))
+    if quiet:
+        result = run_pipeline(opts, log=log)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            tasks = {}
+
+            def progress(stage, i, n):
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=n)
+                bar.update(tasks[stage], completed=i)
+
+            result = run_pipeline(opts, log=log, progress=progress)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", markup=False)
+    paths = output_paths(out, result.seeds)
+    for img, path, text in zip(result.images, paths, result.parameters):
+        save_png(img, path, text)
+        click.echo(str(path))
+    if not quiet:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+        ran_on = ", ".join(sorted(set(result.providers.values())))
+        console.print(f"seed {result.seeds[0]}; {stages}; ran on {ran_on}", markup=False)
+
+
+@cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect(artifacts: Path, as_json: bool) -> None:

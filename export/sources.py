@@ -166,21 +166,38 @@ class ModelSource:
     note: str = ""
     _state_dict: dict | None = field(default=None, repr=False)  # loaded pickle (single_file .ckpt)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _hashes: dict | None = field(default=None, repr=False)
 
     @property
     def stand_in(self) -> bool:
         return self.kind == "builtin-random"
 
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of every weight and config file that defines the model, by relative name."""
+        if self._hashes is None:
+            named = [(str(f.relative_to(self.path)) if self.path.is_dir() else f.name, f)
+                     for f in self.weight_files]
+            configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json"]
+            named += [(f"config:{f.relative_to(self.config_dir)}", f) for f in configs if f.is_file()]
+            self._hashes = {rel: sha256_file(f) for rel, f in named}
+        return self._hashes
+
     def content_hash(self) -> str:
-        """sha256 over every weight and config file that defines the model."""
+        """One sha256 over all of file_hashes(): the model's identity in the build key."""
         h = hashlib.sha256()
-        named = [(str(f.relative_to(self.path)) if self.path.is_dir() else f.name, f)
-                 for f in self.weight_files]
-        configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json"]
-        named += [(str(f.relative_to(self.config_dir)), f) for f in configs if f.is_file()]
-        for rel, f in named:
-            h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+        for rel, digest in self.file_hashes().items():
+            h.update(f"{rel}\0{digest}\n".encode())
         return h.hexdigest()
+
+    def a1111_hash(self) -> str | None:
+        """A1111's model hash (first 10 hex of the checkpoint file's sha256), for PNG metadata;
+        only defined for single-file checkpoints."""
+        return self.file_hashes()[self.path.name][:10] if self.kind == "single_file" else None
+
+    def native_size(self) -> int:
+        """Training resolution in pixels (512 for SD1.x): the runtime's default width/height."""
+        cfg = self.configs()
+        return int(cfg["unet"].get("sample_size", 64)) * self.dims().vae_scale_factor
 
     def dims(self) -> ModelDims:
         cfg = self.configs()

@@ -1,0 +1,321 @@
+"""`sdc run` / `sdc.runtime.generate`: prompt -> images from a build, without torch.
+
+Stage order is the manifest's `pipeline` (text_encoder -> unet -> vae_decoder), one onnxruntime
+session alive at a time: each is created, used and released (`del` + gc) before the next, so the
+process holds one graph's weights at once. Every input is validated before anything is loaded.
+
+Semantics follow diffusers' StableDiffusionPipeline so images match it given the same initial
+latents: negative prompt first in the CFG batch, guidance applied only when > 1, latents scaled
+by the scheduler's init sigma, VAE fed latents / scaling_factor, pixels (x / 2 + 0.5) rounded to
+uint8. Seeds: image i of a batch uses seed S + i with numpy's PCG64 for its initial noise (and
+then its ancestral noise), so each image reproduces alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import SdcError
+from .manifest import load_manifest, verify_files
+from .png import a1111_parameters
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str
+    artifacts: Path | None = None  # None: the most recent build under ./artifacts
+    negative: str = ""
+    steps: int = 20
+    guidance: float = 7.5  # classifier-free guidance; <= 1 runs the UNet on the prompt only
+    seed: int | None = None  # None: a random seed, reported in the result
+    width: int | None = None  # pixels; None: the model's native size (512 for SD1.x)
+    height: int | None = None
+    scheduler: str | None = None  # None: the artifact's own scheduler
+    batch: int = 1
+    provider: str = "auto"  # auto | cpu | cuda
+    latents: np.ndarray | str | Path | None = None  # initial noise [batch, C, H/f, W/f] float32
+    init_image: object = None  # path or PIL image: img2img through vae_encoder
+    strength: float = 0.8  # img2img: fraction of the schedule re-noised (0, 1]
+    verify: bool = True  # sha256 every artifact file before loading (False: sizes only)
+    vae_tile: int = 32  # latent tile for the VAE decode; 0 decodes untiled
+    cfg_split: bool = False  # run the CFG halves as two UNet passes (half the activation memory)
+
+
+@dataclass
+class GenerateResult:
+    images: list  # PIL images, each with .info["parameters"]
+    seeds: list[int]
+    parameters: list[str]  # the A1111 `parameters` text of each image
+    timings: dict[str, float]  # seconds per stage (session creation included)
+    providers: dict[str, str]  # stage -> execution provider it really ran on
+    warnings: list[str] = field(default_factory=list)
+    artifacts: Path | None = None
+
+
+def resolve_artifacts(artifacts: Path | str | None) -> Path:
+    if artifacts is not None:
+        return Path(artifacts)
+    builds = sorted(Path("artifacts").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not builds:
+        raise SdcError("no builds under ./artifacts; run `sdc build` first or pass -a ARTIFACTS")
+    return builds[-1].parent
+
+
+def _load_latents(value, shape: tuple) -> np.ndarray:
+    if isinstance(value, (str, Path)):
+        try:
+            value = np.load(value, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SdcError(f"--latents {value}: cannot read as a .npy array ({e})") from None
+    arr = np.asarray(value)
+    if arr.shape != shape or arr.dtype != np.float32:
+        raise SdcError(f"--latents: expected float32 {list(shape)} (batch, channels, height/f, "
+                       f"width/f), found {arr.dtype} {list(arr.shape)}")
+    return arr
+
+
+def _load_init_image(value, width: int | None, height: int | None, multiple: int):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        try:
+            img = Image.open(value)
+            img.load()
+        except (OSError, UnidentifiedImageError) as e:
+            raise SdcError(f"--init-image {value}: cannot read it as an image ({e.__class__.__name__}); "
+                           "expected a PNG/JPEG/WebP file") from None
+    img = img.convert("RGB")
+    w = width or img.width // multiple * multiple
+    h = height or img.height // multiple * multiple
+    if w < multiple or h < multiple:
+        raise SdcError(f"--init-image: {img.width}x{img.height} is smaller than {multiple} px")
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.LANCZOS)
+    x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return x.transpose(2, 0, 1)[None], w, h
+
+
+def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
+    from .schedulers import SCHEDULERS
+
+    model = manifest["model"]
+    multiple = model["vae_scale_factor"] * model["unet_multiple"]
+    if not isinstance(opts.steps, int) or not 1 <= opts.steps <= MAX_STEPS:
+        raise SdcError(f"--steps {opts.steps}: expected an integer from 1 to {MAX_STEPS}")
+    if not (isinstance(opts.guidance, (int, float)) and math.isfinite(opts.guidance)
+            and opts.guidance >= 0):
+        raise SdcError(f"--guidance {opts.guidance}: expected a finite number >= 0 (7.5 is typical)")
+    if not isinstance(opts.batch, int) or not 1 <= opts.batch <= MAX_BATCH:
+        raise SdcError(f"--batch {opts.batch}: expected an integer from 1 to {MAX_BATCH}")
+    if opts.seed is not None and not (isinstance(opts.seed, int) and 0 <= opts.seed < 2**63):
+        raise SdcError(f"--seed {opts.seed}: expected a non-negative integer")
+    if opts.vae_tile and opts.vae_tile < 8:
+        raise SdcError(f"--vae-tile {opts.vae_tile}: expected 0 (untiled) or >= 8 latents")
+    default = model.get("default_size", 512)
+    for name, v in (("width", opts.width), ("height", opts.height)):
+        if v is not None and (not isinstance(v, int) or v <= 0 or v % multiple):
+            raise SdcError(f"--{name} {v}: expected a positive multiple of {multiple} (VAE factor "
+                           f"{model['vae_scale_factor']} x UNet multiple {model['unet_multiple']})")
+    width = opts.width or default
+    height = opts.height or default
+    name = opts.scheduler or _default_scheduler(manifest)
+    if name not in SCHEDULERS:
+        raise SdcError(f"--scheduler {name}: expected one of {', '.join(SCHEDULERS)}")
+    if opts.init_image is not None:
+        if not (isinstance(opts.strength, (int, float)) and 0 < opts.strength <= 1):
+            raise SdcError(f"--strength {opts.strength}: expected a number in (0, 1]")
+        if "vae_encoder" not in manifest["graphs"]:
+            raise SdcError("--init-image: this build has no vae_encoder graph; rebuild with the "
+                           "vae_encoder stage")
+    for stage in manifest["pipeline"]:
+        if stage not in manifest["graphs"]:
+            raise SdcError(f"this build lacks the {stage} graph; rebuild with every stage")
+    return width, height, name
+
+
+def _default_scheduler(manifest: dict) -> str:
+    cls = manifest.get("scheduler", {}).get("class") or ""
+    return {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+            "EulerAncestralDiscreteScheduler": "euler-a", "LMSDiscreteScheduler": "lms",
+            "DPMSolverMultistepScheduler": "dpmpp-2m"}.get(cls, "pndm")
+
+
+def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> GenerateResult:
+    import json
+
+    from .schedulers import make_scheduler
+    from .sessions import open_session, resolve_providers
+    from .tokenizer import PromptTokenizer
+    from .vae_tiling import decode_tiled
+
+    log = log or (lambda msg: None)
+    progress = progress or (lambda stage, i, n: None)
+    folder = resolve_artifacts(opts.artifacts)
+    manifest = load_manifest(folder)
+    width, height, sched_name = _validate(opts, manifest)
+    problems = verify_files(folder, manifest, hashes=opts.verify)
+    if problems:
+        raise SdcError(f"{folder}: {len(problems)} artifact file(s) do not match the manifest ("
+                       + "; ".join(problems[:3]) + "); rebuild, or run `sdc verify` for details")
+    resolve_providers(opts.provider)  # an unavailable provider fails before any work
+    model, graphs = manifest["model"], manifest["graphs"]
+    f, c = model["vae_scale_factor"], model["latent_channels"]
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    providers: dict[str, str] = {}
+    seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
+    seeds = [seed + i for i in range(opts.batch)]
+    rngs = [np.random.default_rng(s) for s in seeds]
+
+    init = None
+    if opts.init_image is not None:
+        init, width, height = _load_init_image(opts.init_image, opts.width, opts.height,
+                                               f * model["unet_multiple"])
+    lat_shape = (opts.batch, c, height // f, width // f)
+    given = _load_latents(opts.latents, lat_shape) if opts.latents is not None else None
+    scheduler = make_scheduler(sched_name, json.loads((folder / manifest["scheduler"]["config"])
+                                                      .read_text()))
+    cfg = opts.guidance > 1.0
+
+    # 1. text encoder -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    tok = PromptTokenizer(folder / "tokenizer", manifest["tokenizer"]["max_length"])
+    tokens = tok([opts.negative, opts.prompt] if cfg else [opts.prompt])
+    for text, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):], tokens.truncated):
+        if cut:
+            warnings.append(f"{text} longer than {tok.max_length} tokens: dropped {cut!r}")
+    te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider)
+    log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
+    embeds = te.run({"input_ids": tokens.ids})
+    providers["text_encoder"], warnings = te.provider, warnings + te.warnings
+    del te  # release the session before the next stage loads its weights
+    gc.collect()
+    # one row per image: [negative x B, prompt x B] as diffusers orders the CFG batch
+    embeds = np.repeat(embeds, opts.batch, axis=0)
+    timings["text_encoder"] = time.perf_counter() - t0
+
+    # 2. img2img: encode the init image -------------------------------------------------------
+    scheduler.set_timesteps(opts.steps)
+    timesteps = scheduler.timesteps
+    if init is not None:
+        t0 = time.perf_counter()
+        enc = open_session(folder, "vae_encoder", graphs["vae_encoder"], opts.provider)
+        log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
+        params = enc.run({"sample": init.astype(np.float32)})
+        providers["vae_encoder"] = enc.provider
+        del enc  # release before the UNet loads
+        gc.collect()
+        mean, logvar = np.split(params.astype(np.float64), 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        timesteps = scheduler.img2img_timesteps(opts.steps, float(opts.strength))
+        latents = np.empty(lat_shape, np.float32)
+        for i, rng in enumerate(rngs):
+            sample = mean[0] + std[0] * rng.standard_normal(mean.shape[1:])
+            clean = (model["scaling_factor"] * sample).astype(np.float32)[None]
+            noise = given[i : i + 1] if given is not None else \
+                rng.standard_normal(clean.shape, dtype=np.float32)
+            latents[i] = scheduler.add_noise(clean, noise, timesteps[:1])[0]
+        timings["vae_encoder"] = time.perf_counter() - t0
+    elif given is not None:
+        latents = given * np.float32(scheduler.init_noise_sigma)
+    else:
+        latents = np.concatenate([rng.standard_normal((1, *lat_shape[1:]), dtype=np.float32)
+                                  for rng in rngs]) * np.float32(scheduler.init_noise_sigma)
+
+    # 3. denoising loop -----------------------------------------------------------------------
+    t0 = time.perf_counter()
+    unet = open_session(folder, "unet", graphs["unet"], opts.provider)
+    log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
+    providers["unet"], warnings = unet.provider, warnings + unet.warnings
+    multiple = model["unet_multiple"]
+    for i, t in enumerate(timesteps):
+        x = np.concatenate([latents, latents]) if cfg else latents
+        x = scheduler.scale_model_input(x, t).astype(np.float32)
+        if cfg and opts.cfg_split:
+            halves = [unet.run({"sample": x[s], "timestep": np.full(opts.batch, t, np.float32),
+                                "encoder_hidden_states": embeds[s]}, multiple)
+                      for s in (slice(0, opts.batch), slice(opts.batch, None))]
+            eps = np.concatenate(halves)
+        else:
+            eps = unet.run({"sample": x, "timestep": np.full(len(x), t, np.float32),
+                            "encoder_hidden_states": embeds}, multiple)
+        if cfg:
+            uncond, text = np.split(eps, 2)
+            eps = uncond + np.float32(opts.guidance) * (text - uncond)
+        noise = None
+        if getattr(scheduler, "stochastic", False):
+            noise = np.concatenate([rng.standard_normal((1, *lat_shape[1:]), dtype=np.float32)
+                                    for rng in rngs])
+        latents = scheduler.step(eps.astype(np.float32), t, latents, noise=noise).astype(np.float32)
+        progress("unet", i + 1, len(timesteps))
+    del unet  # release the session before the next stage loads its weights
+    gc.collect()
+    timings["unet"] = time.perf_counter() - t0
+    if not np.isfinite(latents).all():
+        raise SdcError("the denoising loop produced NaN/Inf latents (fp16 overflow?); try the fp32 "
+                       "build or another scheduler")
+
+    # 4. VAE decode ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    dec = open_session(folder, "vae_decoder", graphs["vae_decoder"], opts.provider)
+    log(f"[vae_decoder] holding vae_decoder on {dec.provider}")
+    providers["vae_decoder"], warnings = dec.provider, warnings + dec.warnings
+    z = latents / np.float32(model["scaling_factor"])
+    decode = lambda tile: dec.run({"latent_sample": np.ascontiguousarray(tile)})  # noqa: E731
+    pixels = []
+    for i in range(opts.batch):
+        if opts.vae_tile:
+            pixels.append(decode_tiled(decode, z[i : i + 1], f, tile=opts.vae_tile))
+        else:
+            pixels.append(decode(z[i : i + 1]))
+        progress("vae_decoder", i + 1, opts.batch)
+    del dec  # release the session before the next stage loads its weights
+    gc.collect()
+    timings["vae_decoder"] = time.perf_counter() - t0
+
+    images, params = _to_images(pixels, opts, manifest, seeds, width, height, sched_name,
+                                any(tokens.truncated))
+    return GenerateResult(images, seeds, params, timings, providers, warnings, folder)
+
+
+def _to_images(pixels, opts, manifest, seeds, width, height, sched_name, truncated):
+    from PIL import Image
+
+    base = manifest["base_model"]
+    images, params = [], []
+    for px, seed in zip(pixels, seeds):
+        arr = np.clip(px[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1)
+        img = Image.fromarray((arr * 255).round().astype(np.uint8))
+        text = a1111_parameters({
+            "prompt": opts.prompt, "negative": opts.negative, "steps": opts.steps,
+            "scheduler": sched_name, "guidance": opts.guidance, "seed": seed, "width": width,
+            "height": height, "model": base["name"],
+            "model_hash": base.get("a1111_hash") or base["sha256"][:10],
+            "loras": [(lo.get("name"), lo.get("weight")) for lo in manifest.get("loras", [])],
+            "strength": opts.strength if opts.init_image is not None else None,
+            "truncated": truncated, "version": f"sdc {__version__}",
+        })
+        img.info["parameters"] = text
+        images.append(img)
+        params.append(text)
+    return images, params
+
+
+def generate(prompt: str, **kwargs) -> list:
+    """Python API: the same options as `sdc run`, returning PIL images (with .info["parameters"])."""
+    return run_pipeline(GenerateOptions(prompt=prompt, **kwargs)).images

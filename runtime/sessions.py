@@ -1,0 +1,104 @@
+"""One onnxruntime session per stage: provider choice, honest provider reporting, feed checks.
+
+onnxruntime-gpu silently runs on CPU when CUDA libraries are missing while still calling itself a
+GPU build, so after creating a session we read `get_providers()` and report what it *really* runs
+on; `--provider cuda` that lands on CPU is an error, `auto` falls back with a warning.
+
+Every feed is checked against the graph's schema in the manifest before running (names, dtypes,
+ranks, fixed dims, and one value per symbolic dim across inputs), so a wrong shape is a one-line
+error naming the input, not an ORT stack trace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SdcError
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_providers(choice: str) -> list[str]:
+    import onnxruntime as ort
+
+    if choice not in PROVIDERS:
+        raise SdcError(f"--provider {choice}: expected one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if choice == "cuda" and _ORT_NAMES["cuda"] not in available:
+        raise SdcError("--provider cuda: this onnxruntime has no CUDA provider (available: "
+                       f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime")
+    if choice == "cpu" or (choice == "auto" and _ORT_NAMES["cuda"] not in available):
+        return [_ORT_NAMES["cpu"]]
+    return [_ORT_NAMES["cuda"], _ORT_NAMES["cpu"]]
+
+
+@dataclass
+class StageSession:
+    """A live session for one stage and what it really runs on."""
+
+    stage: str
+    graph: dict  # the manifest's entry for this graph
+    session: object
+    provider: str
+    load_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> np.ndarray:
+        check_feeds(self.stage, self.graph, feeds, latent_multiple)
+        return self.session.run(None, feeds)[0]
+
+
+def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto") -> StageSession:
+    import onnxruntime as ort
+
+    wanted = resolve_providers(provider)
+    onnx_file = next(f for f in graph["files"] if f.endswith(".onnx"))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # ORT's own warnings are about graph internals, not the user's input
+    t0 = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(Path(folder) / onnx_file), opts, providers=wanted)
+    except Exception as e:  # noqa: BLE001 - ORT raises several internal types
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SdcError(f"{stage}: onnxruntime cannot load {onnx_file} ({msg}); run `sdc verify` "
+                       "or rebuild the artifacts") from None
+    actual = session.get_providers()[0]
+    notes = []
+    if wanted[0] != actual:
+        if provider == "cuda":
+            raise SdcError(f"{stage}: asked for CUDA but onnxruntime created the session on {actual} "
+                           "(CUDA/cuDNN libraries missing?); use --provider cpu or fix the CUDA setup")
+        notes.append(f"{stage}: CUDA unavailable at session creation, running on {actual}")
+    return StageSession(stage, graph, session, actual, time.perf_counter() - t0, notes)
+
+
+def check_feeds(stage: str, graph: dict, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> None:
+    """Raise SdcError unless `feeds` fit the graph's declared inputs."""
+    want = {t["name"]: t for t in graph["inputs"]}
+    if set(feeds) != set(want):
+        raise SdcError(f"{stage}: feeds {sorted(feeds)} do not match the graph's inputs {sorted(want)}")
+    bound: dict[str, tuple[int, str]] = {}
+    for name, spec in want.items():
+        arr = feeds[name]
+        if arr.dtype != np.dtype(spec["dtype"]):
+            raise SdcError(f"{stage}.{name}: dtype {arr.dtype}, graph expects {spec['dtype']}")
+        if arr.ndim != len(spec["shape"]):
+            raise SdcError(f"{stage}.{name}: shape {list(arr.shape)} has rank {arr.ndim}, graph "
+                           f"expects {spec['shape']}")
+        for axis, (size, dim) in enumerate(zip(arr.shape, spec["shape"])):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise SdcError(f"{stage}.{name}: axis {axis} is {size}, graph expects {dim} "
+                                   f"(shape {spec['shape']})")
+                continue
+            if dim in bound and bound[dim][0] != size:
+                raise SdcError(f"{stage}.{name}: {dim}={size} but {bound[dim][1]} has {dim}="
+                               f"{bound[dim][0]}")
+            bound.setdefault(dim, (size, name))
+            if dim.startswith("latent_") and size % latent_multiple:
+                raise SdcError(f"{stage}.{name}: {dim}={size} is not a multiple of {latent_multiple}")

@@ -1,0 +1,58 @@
+"""Prompt -> CLIP token ids, from the tokenizer files inside the artifact (`tokenizers` library).
+
+Matches what diffusers' SD pipeline feeds the text encoder: BOS + tokens + EOS, padded to the
+encoder's 77 positions with the tokenizer's pad token. Longer prompts keep their first 75 tokens
+(plus BOS/EOS), and the caller is told what was cut so it can warn and record it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SdcError
+
+
+@dataclass
+class Tokenized:
+    ids: np.ndarray  # int64 [len(prompts), max_length]
+    truncated: list[str]  # per prompt: the text that did not fit ("" when nothing was cut)
+
+
+class PromptTokenizer:
+    def __init__(self, folder: Path, max_length: int = 77):
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
+        self.max_length = max_length
+        vocab = self._tok.get_vocab()
+        self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        pad = "<|endoftext|>"
+        config = Path(folder) / "tokenizer_config.json"
+        if config.is_file():
+            pad = json.loads(config.read_text()).get("pad_token", pad)
+            pad = pad["content"] if isinstance(pad, dict) else pad
+        self.pad = vocab.get(pad, self.eos)
+
+    def __call__(self, prompts: list[str]) -> Tokenized:
+        rows, cut = [], []
+        room = self.max_length - 2
+        for p in prompts:
+            enc = self._tok.encode(p, add_special_tokens=False)
+            ids = enc.ids
+            if len(ids) > room:
+                start = enc.offsets[room][0]
+                cut.append(p[start:])
+                ids = ids[:room]
+            else:
+                cut.append("")
+            row = [self.bos, *ids, self.eos]
+            rows.append(row + [self.pad] * (self.max_length - len(row)))
+        return Tokenized(np.array(rows, dtype=np.int64), cut)
