@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# Build the built-in model (CPU target: fp32) and show what was built.
+# Build the built-in model (CPU target: fp32), show it, and generate an image with the runtime.
 demo: venv
 	$(SDC) build --precision fp32
-	$(SDC) verify artifacts/sdc-tiny-random-fp32
 	$(SDC) inspect artifacts/sdc-tiny-random-fp32
+	$(SDC) run "a red circle on a blue background" -a artifacts/sdc-tiny-random-fp32 \
+		--steps 20 --seed 0 --out outputs/demo.png
 
 test: venv
 	$(PY) -m pytest -q

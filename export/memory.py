@@ -1,24 +1,15 @@
 """Peak resident memory as the OS counts it (Linux /proc), for build logs and the manifest.
 
-`PeakRss` measures the peak RSS *above the level at entry* over a block: it resets the kernel's
-high-water mark (writing 5 to /proc/self/clear_refs, allowed for one's own process) and reads
-VmHWM afterwards. Where that is unavailable it falls back to getrusage's lifetime peak and says so.
+`PeakRss` measures the peak RSS *above the level at entry* over a block by sampling;
+`process_peak_rss_bytes` is the kernel's lifetime high-water mark of the whole process.
 """
 
 from __future__ import annotations
 
+import os
 import resource
+import threading
 from pathlib import Path
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def process_peak_rss_bytes() -> int:
@@ -27,17 +18,37 @@ def process_peak_rss_bytes() -> int:
 
 
 class PeakRss:
-    def __enter__(self) -> "PeakRss":
-        self.resettable = True
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.resettable = False
-        self.start_kib = _status_kib("VmRSS") or 0
+    """Peak RSS above the level at entry, sampled from /proc/self/statm on a background thread.
+
+    Sampling (every 2 ms) rather than resetting the kernel's high-water mark: a reset
+    (/proc/self/clear_refs) would also reset getrusage's ru_maxrss, and with it the build's own
+    whole-process peak that the manifest and the OS report.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
         self.bytes = 0
+
+    def _rss(self) -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self) -> "PeakRss":
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self._peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        hwm = _status_kib("VmHWM") if self.resettable else None
-        peak_kib = hwm if hwm is not None else process_peak_rss_bytes() // 1024
-        self.bytes = max(0, peak_kib - self.start_kib) * 1024
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.bytes = max(0, self._peak - self.start)
