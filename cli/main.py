@@ -83,8 +83,8 @@ def build(obj, model, precision, out, force, config, stages) -> None:
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img source.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="img2img: how much of the schedule to re-noise, in (0, 1].")
-@click.option("--vae-tile", type=int, default=32, show_default=True,
-              help="VAE decode tile in latents (0 = untiled).")
+@click.option("--vae-tile", type=int, default=None,
+              help="VAE decode tile in latents; 0 = untiled [default: 32 above 64 latents].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
               help="A .png file, or a folder for <seed>.png files.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 of the artifacts (sizes still checked).")

@@ -147,7 +147,12 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
     results = {}
     for stage, (spec, feeds, refs, graph_precision) in plans.items():
         if graph_precision == "fp16" and module.dtype != _torch_half():
-            module = module.half()  # in place: the fp32 copy is gone, references are kept
+            # Reload straight into fp16 rather than casting the fp32 module: the references are
+            # computed, and an fp16 load never holds the fp32 weights (peak RSS, bench/).
+            del module
+            gc.collect()
+            with quiet_torch_stack():
+                module = source.load(component, dtype="fp16")
         elif graph_precision == "fp32" and module.dtype == _torch_half():
             raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
         t0 = time.perf_counter()

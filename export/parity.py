@@ -68,6 +68,12 @@ def check_graph(spec: GraphSpec, onnx_path: Path, graph_precision: str,
     with PeakRss() as peak:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if graph_precision == "fp16":
+            # ORT's CPU provider runs fp16 graphs through inserted Casts, and its constant folding
+            # then materialises an fp32 copy of every weight at load: 5.7 GiB peak for the SD1.5
+            # UNet vs 3.7 GiB unoptimised (measured). Parity is about the graph's numbers, which
+            # optimisation must not change, so the gate skips it and the build's peak stays low.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         for case, feeds in feeds_by_case.items():
             out = session.run(None, feeds)[0]

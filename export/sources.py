@@ -223,18 +223,20 @@ class ModelSource:
         own = self.config_dir / "tokenizer"
         return own if (own / "vocab.json").is_file() else SD15_CONFIGS / "tokenizer"
 
-    def load(self, component: str):
-        """The fp32 torch module for a diffusers component name (unet, vae, text_encoder)."""
+    def load(self, component: str, dtype: str = "fp32"):
+        """The torch module (eval) for a diffusers component name (unet, vae, text_encoder)."""
         import torch
+
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
         if self.kind != "single_file":
             if component == "text_encoder":
-                m = CLIPTextModel.from_pretrained(self.path / "text_encoder", dtype=torch.float32)
+                m = CLIPTextModel.from_pretrained(self.path / "text_encoder", dtype=torch_dtype)
             else:
                 cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-                m = cls.from_pretrained(self.path, subfolder=component, torch_dtype=torch.float32)
+                m = cls.from_pretrained(self.path, subfolder=component, torch_dtype=torch_dtype)
             return m.eval()
         sd = self._component_state_dict(component)
         # diffusers' own LDM -> diffusers converters, fed the shipped SD1.x configs (offline).
@@ -243,11 +245,11 @@ class ModelSource:
 
             m = create_diffusers_clip_model_from_ldm(
                 CLIPTextModel, sd, subfolder="text_encoder", config=str(self.config_dir),
-                torch_dtype=torch.float32, local_files_only=True)
+                torch_dtype=torch_dtype, local_files_only=True)
         else:
             cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
             m = cls.from_single_file(sd, config=str(self.config_dir), subfolder=component,
-                                     torch_dtype=torch.float32, local_files_only=True)
+                                     torch_dtype=torch_dtype, local_files_only=True)
         return m.eval()
 
     def _component_state_dict(self, component: str) -> dict:

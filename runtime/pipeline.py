@@ -1,8 +1,8 @@
 """`sdc run` / `sdc.runtime.generate`: prompt -> images from a build, without torch.
 
 Stage order is the manifest's `pipeline` (text_encoder -> unet -> vae_decoder), one onnxruntime
-session alive at a time: each is created, used and released (`del` + gc) before the next, so the
-process holds one graph's weights at once. Every input is validated before anything is loaded.
+session alive at a time: each is created, used and released (`del` + gc + malloc_trim) before
+the next, so the process holds one graph's weights at once. Every input is validated before anything is loaded.
 
 Semantics follow diffusers' StableDiffusionPipeline so images match it given the same initial
 latents: negative prompt first in the CFG batch, guidance applied only when > 1, latents scaled
@@ -13,7 +13,6 @@ then its ancestral noise), so each image reproduces alone.
 
 from __future__ import annotations
 
-import gc
 import math
 import secrets
 import time
@@ -30,6 +29,7 @@ from .png import a1111_parameters
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+AUTO_TILE, AUTO_TILE_ABOVE = 32, 64  # latents
 
 
 @dataclass
@@ -49,7 +49,10 @@ class GenerateOptions:
     init_image: object = None  # path or PIL image: img2img through vae_encoder
     strength: float = 0.8  # img2img: fraction of the schedule re-noised (0, 1]
     verify: bool = True  # sha256 every artifact file before loading (False: sizes only)
-    vae_tile: int = 32  # latent tile for the VAE decode; 0 decodes untiled
+    vae_tile: int | None = None  # latent tile for the VAE decode; 0 untiled; None: auto
+    # (tiles of 32 only above 64 latents, i.e. beyond SD1.x's native 512 px, like diffusers:
+    # per-tile GroupNorm statistics cost fidelity, see vae_tiling.py; the memory planner will
+    # choose smaller tiles when a budget requires them)
     cfg_split: bool = False  # run the CFG halves as two UNet passes (half the activation memory)
 
 
@@ -159,7 +162,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     import json
 
     from .schedulers import make_scheduler
-    from .sessions import open_session, resolve_providers
+    from .sessions import free_memory, open_session, resolve_providers
     from .tokenizer import PromptTokenizer
     from .vae_tiling import decode_tiled
 
@@ -203,8 +206,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
     embeds = te.run({"input_ids": tokens.ids})
     providers["text_encoder"], warnings = te.provider, warnings + te.warnings
-    del te  # release the session before the next stage loads its weights
-    gc.collect()
+    del te  # release the session: the next stage's weights take its place
+    free_memory()
     # one row per image: [negative x B, prompt x B] as diffusers orders the CFG batch
     embeds = np.repeat(embeds, opts.batch, axis=0)
     timings["text_encoder"] = time.perf_counter() - t0
@@ -218,8 +221,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
         log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
         params = enc.run({"sample": init.astype(np.float32)})
         providers["vae_encoder"] = enc.provider
-        del enc  # release before the UNet loads
-        gc.collect()
+        del enc
+        free_memory()
         mean, logvar = np.split(params.astype(np.float64), 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         timesteps = scheduler.img2img_timesteps(opts.steps, float(opts.strength))
@@ -258,13 +261,13 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
             uncond, text = np.split(eps, 2)
             eps = uncond + np.float32(opts.guidance) * (text - uncond)
         noise = None
-        if getattr(scheduler, "stochastic", False):
+        if scheduler.stochastic:  # euler-a: fresh noise every step, from each image's own seed
             noise = np.concatenate([rng.standard_normal((1, *lat_shape[1:]), dtype=np.float32)
                                     for rng in rngs])
         latents = scheduler.step(eps.astype(np.float32), t, latents, noise=noise).astype(np.float32)
         progress("unet", i + 1, len(timesteps))
-    del unet  # release the session before the next stage loads its weights
-    gc.collect()
+    del unet  # release the session: the next stage's weights take its place
+    free_memory()
     timings["unet"] = time.perf_counter() - t0
     if not np.isfinite(latents).all():
         raise SdcError("the denoising loop produced NaN/Inf latents (fp16 overflow?); try the fp32 "
@@ -278,14 +281,17 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     z = latents / np.float32(model["scaling_factor"])
     decode = lambda tile: dec.run({"latent_sample": np.ascontiguousarray(tile)})  # noqa: E731
     pixels = []
+    tile = opts.vae_tile
+    if tile is None:
+        tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
     for i in range(opts.batch):
-        if opts.vae_tile:
-            pixels.append(decode_tiled(decode, z[i : i + 1], f, tile=opts.vae_tile))
+        if tile:
+            pixels.append(decode_tiled(decode, z[i : i + 1], f, tile=tile))
         else:
             pixels.append(decode(z[i : i + 1]))
         progress("vae_decoder", i + 1, opts.batch)
-    del dec  # release the session before the next stage loads its weights
-    gc.collect()
+    del dec  # release the session: the next stage's weights take its place
+    free_memory()
     timings["vae_decoder"] = time.perf_counter() - t0
 
     images, params = _to_images(pixels, opts, manifest, seeds, width, height, sched_name,

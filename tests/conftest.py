@@ -51,5 +51,20 @@ def build_fp16(tiny_folder, tmp_path_factory) -> Path:
     return out
 
 
+def assert_cli_torch_free(argv: list[str]) -> None:
+    """Run `sdc *argv` in a fresh interpreter and fail if torch/diffusers/transformers got imported:
+    the runtime side must work on edge boxes that have none of them."""
+    code = (
+        "import sys\n"
+        "from sdc.cli.main import main\n"
+        f"sys.argv = ['sdc', *{[str(a) for a in argv]!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def read_manifest(folder: Path) -> dict:
     return json.loads((Path(folder) / "manifest.json").read_text())

@@ -10,7 +10,7 @@ tiles. White noise would flatter tiling: every tile has the same statistics.
 
 PSNR here is the picture's: SD pipelines show (x / 2 + 0.5).clamp(0, 1), so both decodes are
 clipped to [-1, 1] and the peak is 2. (A peak taken from the random decoder's own min..max, which
-has outliers near +-10, would add ~16 dB for free.)
+has outliers up to ~+-10, would add 13-16 dB for free.)
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def test_constant_decode_comes_back_exactly(h, w, tile, ratio):
     z = np.random.default_rng(0).standard_normal((2, 4, h, w)).astype(np.float32)
 
     def decode(t):
-        return np.broadcast_to(consts[:, :, None, None], (2, 3, t.shape[2] * F, t.shape[3] * F)).copy()
+        shape = (2, 3, t.shape[2] * F, t.shape[3] * F)
+        return np.broadcast_to(consts[:, :, None, None], shape).copy()
 
     out = decode_tiled(decode, z, F, tile=tile, overlap_ratio=ratio)
     assert out.dtype == np.float32 and out.shape == (2, 3, h * F, w * F)
@@ -117,13 +118,14 @@ def test_local_decoder_is_reproduced_exactly(h, w, tile, ratio):
 
 
 def test_per_tile_offset_becomes_a_smooth_ramp():
-    # The simplest model of what GroupNorm does to a tile: shift it by a constant. Give tile
-    # (i, j) the value 3i + j. A hard cut would jump by 1 (x) or 3 (y) between two pixels; the
-    # raised-cosine cross-fade over an overlap of L pixels has slope at most pi / (2 L), so no
-    # step between neighbouring pixels may exceed that times the offset difference.
+    # The simplest model of what per-tile GroupNorm does to a tile: shift it by a constant. Give
+    # tile (i, j) the value 3i + j. A hard cut would jump by 1 (x) or 3 (y) between two pixels;
+    # the raised-cosine ramp over the middle half (r = L / 2 pixels) of an L-pixel overlap has
+    # slope at most pi / (2 r), so no step between neighbouring pixels may exceed that times the
+    # offset difference.
     plan = plan_tiles(64, 64)  # starts 0, 16, 32: 16-latent overlaps, no pixel in three tiles
     assert plan.ys == plan.xs == (0, 16, 32)
-    L = 16 * F
+    r = 16 * F // 2
     calls = iter(range(9))  # decode_tiled visits tiles row by row
 
     def decode(t):
@@ -131,11 +133,33 @@ def test_per_tile_offset_becomes_a_smooth_ramp():
         return np.full((1, 1, t.shape[2] * F, t.shape[3] * F), 3 * (k // 3) + k % 3, np.float32)
 
     out = decode_tiled(decode, np.zeros((1, 4, 64, 64), np.float32), F, plan=plan)[0, 0]
-    slope = math.pi / (2 * L)
+    slope = math.pi / (2 * r)
     assert np.abs(np.diff(out, axis=1)).max() <= 1 * slope + 1e-6
     assert np.abs(np.diff(out, axis=0)).max() <= 3 * slope + 1e-6
     # and each tile's own value survives where it is alone
     assert out[0, 0] == 0 and out[-1, -1] == 8 and out[0, -1] == 2 and out[-1, 0] == 6
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_tile_border_pixels_are_not_used(h, w):
+    # Zero padding corrupts a decoded tile most right at its border. The window gives a tile
+    # weight 0 over the outer quarter of each overlap, so a decoder that is exact except for a
+    # wild ring of that width around every tile must still be reproduced exactly, except along
+    # the image's own edges (no neighbour there to take over).
+    plan = plan_tiles(h, w)
+    ring = min(min(a + min(plan.tile, n) - b for a, b in zip(s, s[1:])) * F // 4
+               for s, n in ((plan.ys, h), (plan.xs, w)))
+    assert ring >= 16
+
+    def decode(t):
+        pix = _upsample(t)
+        pix[..., :ring, :] = pix[..., -ring:, :] = 1e3
+        pix[..., :, :ring] = pix[..., :, -ring:] = 1e3
+        return pix
+
+    z = np.random.default_rng(4).standard_normal((1, 4, h, w)).astype(np.float32)
+    inner = (..., slice(ring, -ring), slice(ring, -ring))
+    np.testing.assert_array_equal(decode_tiled(decode, z, F, plan=plan)[inner], _upsample(z)[inner])
 
 
 def test_single_tile_is_one_plain_decode():
@@ -221,8 +245,9 @@ def encoded_latents(model, h: int, w: int) -> np.ndarray:
     import torch
 
     yy, xx = np.mgrid[0:h * F, 0:w * F] / np.array([h * F, w * F])[:, None, None]
+    disc = ((xx - 0.4) ** 2 + (yy - 0.6) ** 2 < 0.08) * 1.6 - 0.8
     img = np.stack([np.sin(2 * np.pi * (1.5 * xx + 0.5 * yy)), np.cos(2 * np.pi * (2 * yy - xx)),
-                    ((xx - 0.4) ** 2 + (yy - 0.6) ** 2 < 0.08) * 1.6 - 0.8])[None].astype(np.float32)
+                    disc])[None].astype(np.float32)
     with torch.no_grad():
         return model.encode(torch.from_numpy(img)).latent_dist.mode().numpy()
 
@@ -293,15 +318,20 @@ def test_tiled_matches_untiled_when_the_decoder_is_local(vae_no_attention, kind,
     assert psnr >= 35.0, f"{kind} {h}x{w}: {psnr:.2f} dB"
 
 
-# Measured with the default plan (32-latent tiles): blurred 23.6 dB (64x64) / 22.8 dB (72x96),
-# encoded 21.5 / 20.2 dB. Not fixable by blending, measured: the same decoder with GroupNorm
-# frozen at whole-image statistics gets 29.0 / 27.6 dB, with attention off too 47.6 dB (test
-# above); an oracle that fits each tile's per-channel gain and offset to the untiled decode
-# before blending gains < 1 dB; overlap 50% instead of 25% changes < 0.3 dB; a cosine ramp over
-# the whole overlap beats narrower ramps and a hard cut by 0.3-0.8 dB. Even 56-64-latent tiles stay
-# at 26-35 dB. At random init the mid-block attention is close to uniform, i.e. it adds the tile's
-# mean to every position, and each GroupNorm subtracts the tile's mean: both are tile-global.
-# Strict: if a decoder export with whole-image GroupNorm statistics lands, this must start passing.
+# Measured with the default plan (32-latent tiles): blurred 23.4 dB (64x64) / 22.7 dB (72x96),
+# encoded 21.3 / 20.2 dB. Blending cannot close this, measured: overlap 50% instead of 25%
+# changes < 0.2 dB; a cosine ramp over the whole overlap instead of its middle half gains only
+# 0.1-0.4 dB, a hard cut at the midline loses ~0.8; an oracle that fits each tile's per-channel
+# gain and offset to the untiled decode before blending gains < 1 dB; the same decoder with
+# GroupNorm frozen at whole-image statistics gets 28.7 / 27.4 (blurred) and 25.4 / 23.7
+# (encoded), and with attention off as well 40-60 dB (test above). Bigger tiles: 48 latents
+# 23-29 dB, 56 latents 26-34 dB, 64 latents (72x96 only) 30-31 dB. At random init the mid-block
+# attention is close to uniform, i.e. it adds the tile's mean to every position, and each
+# GroupNorm subtracts the tile's mean: both are tile-global, so the tile size, not the window,
+# sets the error. (With the peak taken as the random decoder's min..max instead of 2, these
+# same decodes score 36.8-38.6 dB: see this file's docstring for why that is not used.)
+# The bar stays at the issue's 35 dB; xfail (strict, so that whatever makes it pass must also
+# remove the marker) keeps the shortfall visible in every run instead of failing the suite.
 @pytest.mark.xfail(strict=True, reason="per-tile GroupNorm statistics and mid-block attention of "
                    "the random-weight decoder: 20-24 dB image PSNR at 32-latent tiles, see comment")
 @pytest.mark.parametrize("kind", ["blurred", "encoded"])
@@ -358,11 +388,12 @@ def _pasted(decode, z: np.ndarray, plan: TilePlan) -> np.ndarray:
 
 # Margin: "no higher than elsewhere" is score <= 1, except that with only 6-10 border lines the
 # picture's own content moves the score; so the bar is max(1, score of the untiled decode at the
-# same lines), which is seamless by construction, times 1.5. Measured over 8 seeds x both sizes
-# (real decoder, blurred latents): untiled scores 0.68-1.68, tiled / untiled 0.95-1.23 (the
-# tiles' texture differs a little from the untiled one, it does not step), pasted / untiled
-# 3.6-13. 1.5 clears the noise and is still 2.4x below the weakest pasted seam, which the
-# control below must flag.
+# same lines), which is seamless by construction, times a margin. Measured over 8 seeds x both
+# sizes (real decoder, blurred latents): the untiled decode scores 0.68-1.68; the tiled decode
+# scores at most 1.10 x that bar (the tiles' texture differs a little from the untiled one, it
+# does not step); pasted tiles score at least 2.7 x the bar. 1.5 sits between the two (near
+# their geometric mean), so the test neither trips on content noise nor misses a real seam,
+# which the positive control below checks.
 SEAM_MARGIN = 1.5
 
 
