@@ -32,9 +32,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-# Full-size SD1.5 architecture (random weights): build time, peak RSS, sizes. Not a test.
+# Full-size SD1.5 architecture (random weights): build and run time, peak RSS, sizes, against
+# a bare torch export and diffusers' pipeline. Not a test; ~15 min on 2 cores, ~13 GB in BENCH_DIR.
+BENCH_DIR ?= /tmp/sdc-bench
 bench: venv
-	$(PY) bench/build_fullsize.py
+	$(PY) bench/build_fullsize.py --work $(BENCH_DIR) --keep
+	$(PY) bench/run_fullsize.py --work $(BENCH_DIR)
 
 clean:
 	rm -rf artifacts/sdc-tiny-random-* .pytest_cache
