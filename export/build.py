@@ -147,8 +147,8 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
     results = {}
     for stage, (spec, feeds, refs, graph_precision) in plans.items():
         if graph_precision == "fp16" and module.dtype != _torch_half():
-            # Reload straight into fp16 rather than casting the fp32 module: the references are
-            # computed, and an fp16 load never holds the fp32 weights (peak RSS, bench/).
+            # Reload in fp16 (the references are computed) rather than `.half()`: loading with a
+            # dtype honours a model's modules that must stay fp32, which a blanket cast breaks.
             del module
             gc.collect()
             with quiet_torch_stack():

@@ -58,8 +58,10 @@ def compare(ref: np.ndarray, out: np.ndarray, graph_precision: str, spec: GraphS
 
 
 def check_graph(spec: GraphSpec, onnx_path: Path, graph_precision: str,
-                feeds_by_case: dict, refs: dict) -> dict:
-    """Run the ONNX graph in onnxruntime (CPU) on every case; raise ParityError on any failure."""
+                feeds_by_case: dict, refs: dict) -> tuple[dict, dict]:
+    """Run the ONNX graph in onnxruntime (CPU) on every case; raise ParityError on any failure.
+
+    Returns (parity report, measured memory of the ORT session) for the manifest."""
     import onnxruntime as ort
 
     metric, threshold = (("max_rel", spec.fp32_max_rel) if graph_precision == "fp32"

@@ -65,8 +65,11 @@ def read_safetensors_header(path: Path) -> dict:
 def _load_pickled_weights(path: Path) -> dict:
     import torch
 
+    import zipfile
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap keeps a multi-GB checkpoint out of RAM; only zip-format (torch >= 1.6) files allow it
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - torch raises many types; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SdcError(f"{path}: cannot be read as a weights-only checkpoint ({first[:160]}); "
