@@ -129,12 +129,10 @@ def _clean_stale_tmp(parent: Path) -> None:
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
                      tmp: Path, log: Callable[[str], None]) -> dict:
     from .exporter import export_graph, wrap
-    from .quiet import quiet_torch_stack
     from .parity import check_graph, parity_cases, torch_references
 
     t0 = time.perf_counter()
-    with quiet_torch_stack():
-        module = source.load(component)
+    module = _load(source, component, "fp32")
     log(f"[{component}] loaded fp32 ({sum(p.numel() for p in module.parameters()) / 1e6:.2f} M "
         f"params, {time.perf_counter() - t0:.1f} s)")
     plans = {}
@@ -151,8 +149,7 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
             # dtype honours a model's modules that must stay fp32, which a blanket cast breaks.
             del module
             gc.collect()
-            with quiet_torch_stack():
-                module = source.load(component, dtype="fp16")
+            module = _load(source, component, "fp16")
         elif graph_precision == "fp32" and module.dtype == _torch_half():
             raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
         t0 = time.perf_counter()
@@ -169,6 +166,21 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
             f"over {len(report['cases'])} shapes: passed")
         results[stage].update(parity=report, memory=memory)
     return results
+
+
+def _load(source, component: str, dtype: str):
+    """The component's torch module; a failure inside diffusers/transformers becomes one line."""
+    from .quiet import quiet_torch_stack
+
+    try:
+        with quiet_torch_stack():
+            return source.load(component, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "ignore_mismatched_sizes" in first:  # transformers' hint points at a silenced table
+            first = f"weight shapes do not match {component}/config.json"
+        raise SdcError(f"{source.path}: cannot load its {component} ({first}); check the model "
+                       "files, or pass --config for a non-standard single-file checkpoint") from None
 
 
 def _torch_half():

@@ -22,7 +22,11 @@ def quiet_torch_stack():
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled())
+    verbosity = (tlog.get_verbosity(), dlog.get_verbosity())
     try:
+        # their load reports would print tables before our one-line error
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         tlog.disable_progress_bar()
@@ -31,6 +35,8 @@ def quiet_torch_stack():
             warnings.simplefilter("ignore")
             yield
     finally:
+        tlog.set_verbosity(verbosity[0])
+        dlog.set_verbosity(verbosity[1])
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         if bars[0]:

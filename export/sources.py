@@ -235,11 +235,25 @@ class ModelSource:
 
         torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
         if self.kind != "single_file":
+            variant = self._variant(component)
             if component == "text_encoder":
-                m = CLIPTextModel.from_pretrained(self.path / "text_encoder", dtype=torch_dtype)
+                m, info = CLIPTextModel.from_pretrained(
+                    self.path / "text_encoder", dtype=torch_dtype, variant=variant,
+                    output_loading_info=True)
             else:
                 cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-                m = cls.from_pretrained(self.path, subfolder=component, torch_dtype=torch_dtype)
+                m, info = cls.from_pretrained(self.path, subfolder=component,
+                                              torch_dtype=torch_dtype, variant=variant,
+                                              output_loading_info=True)
+            # transformers 5 re-initialises weights whose shape does not fit the config, and both
+            # libraries fill missing ones randomly, with only a log line: a build would then
+            # "pass" parity against the same random module. Refuse instead.
+            bad = [k for key in ("missing_keys", "mismatched_keys") for k in info.get(key) or []]
+            if bad:
+                shown = ", ".join(str(b[0] if isinstance(b, tuple) else b) for b in bad[:3])
+                raise SdcError(f"{self.path}: cannot load its {component}: {len(bad)} weight(s) "
+                               f"missing or not matching {component}/config.json (e.g. {shown}); "
+                               "the folder's weights and configs disagree")
             return m.eval()
         sd = self._component_state_dict(component)
         # diffusers' own LDM -> diffusers converters, fed the shipped SD1.x configs (offline).
@@ -253,7 +267,18 @@ class ModelSource:
             cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
             m = cls.from_single_file(sd, config=str(self.config_dir), subfolder=component,
                                      torch_dtype=torch_dtype, local_files_only=True)
+        unloaded = [n for n, p in m.named_parameters() if p.device.type == "meta"]
+        if unloaded:  # the converter found no tensor for these: never export an empty weight
+            raise SdcError(f"{self.path}: the checkpoint has no {component} weights for "
+                           f"{len(unloaded)} parameter(s) (e.g. {unloaded[0]}); is it a full SD1.x "
+                           "checkpoint matching the configs?")
         return m.eval()
+
+    def _variant(self, component: str) -> str | None:
+        """'fp16' for folders that ship only `*.fp16.safetensors` weights (a common download)."""
+        files = [p.name for p in (self.path / component).iterdir()]
+        plain = [f for f in files if f.endswith((".safetensors", ".bin")) and f.count(".") == 1]
+        return "fp16" if not plain and any(".fp16." in f for f in files) else None
 
     def _component_state_dict(self, component: str) -> dict:
         prefix = LDM_PREFIXES[component]

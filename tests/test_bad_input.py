@@ -132,3 +132,20 @@ def test_config_folder_mismatch(tiny_folder, tmp_path):
     """A tiny checkpoint against the shipped full-size SD1.5 configs: refused up front."""
     ckpt = write_single_file(tiny_folder, tmp_path / "tiny.safetensors")
     assert_clean_error(run_sdc("build", ckpt, "--out", tmp_path / "o", check=False), "--config")
+
+
+def test_weights_that_do_not_fit_the_config(tiny_folder, tmp_path):
+    """Valid files that diffusers cannot load (config says 48 channels, weights have 32)."""
+    import shutil
+
+    broken = tmp_path / "mismatch"
+    shutil.copytree(tiny_folder, broken)
+    cfg = json.loads((broken / "text_encoder" / "config.json").read_text())
+    cfg["hidden_size"], cfg["projection_dim"] = 48, 48
+    (broken / "text_encoder" / "config.json").write_text(json.dumps(cfg))
+    proc = run_sdc("build", broken, "--stages", "text_encoder", "--out", tmp_path / "o", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "LOAD REPORT" not in proc.stderr  # the library's table is silenced
+    last = proc.stderr.strip().splitlines()[-1]  # after the build's own "model: ..." log line
+    assert last.startswith("error: ") and "cannot load its text_encoder" in last
+    assert not (tmp_path / "o").exists()

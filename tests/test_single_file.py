@@ -82,3 +82,17 @@ def test_ckpt_with_code_is_refused_and_not_run(tmp_path):
     assert "weights-only" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists(), "unpickling ran code"
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_with_only_fp16_variant_weights(tiny_folder, tmp_path):
+    """Folders downloaded as the `fp16` variant name their weights `*.fp16.safetensors`."""
+    import shutil
+
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_folder, variant)
+    for comp, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        (variant / comp / f"{stem}.safetensors").rename(variant / comp / f"{stem}.fp16.safetensors")
+    out = tmp_path / "out"
+    run_sdc("build", variant, "--precision", "fp32", "--stages", "text_encoder", "--out", out)
+    assert read_manifest(out)["graphs"]["text_encoder"]["parity"]["passed"]
