@@ -101,8 +101,6 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
                            scheduler=scheduler, batch=batch, provider=provider, latents=latents,
                            init_image=init_image, strength=strength, verify=not no_verify,
                            vae_tile=vae_tile)
-    if batch < 1:
-        raise SdcError(f"--batch {batch}: expected an integer from 1 to 64")
     output_paths(out, [0] * batch)  # refuse an unwritable --out before minutes of work
     console = _console()
     log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))

@@ -128,6 +128,8 @@ def _clean_stale_tmp(parent: Path) -> None:
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
                      tmp: Path, log: Callable[[str], None]) -> dict:
+    import torch
+
     from .exporter import export_graph, wrap
     from .parity import check_graph, parity_cases, torch_references
 
@@ -144,13 +146,13 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         plans[stage] = (spec, feeds, refs, graph_precision)
     results = {}
     for stage, (spec, feeds, refs, graph_precision) in plans.items():
-        if graph_precision == "fp16" and module.dtype != _torch_half():
+        if graph_precision == "fp16" and module.dtype != torch.float16:
             # Reload in fp16 (the references are computed) rather than `.half()`: loading with a
             # dtype honours a model's modules that must stay fp32, which a blanket cast breaks.
             del module
             gc.collect()
             module = _load(source, component, "fp16")
-        elif graph_precision == "fp32" and module.dtype == _torch_half():
+        elif graph_precision == "fp32" and module.dtype == torch.float16:
             raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
         t0 = time.perf_counter()
         facts = export_graph(spec, wrap(spec, module), dims, tmp / stage)
@@ -181,12 +183,6 @@ def _load(source, component: str, dtype: str):
             first = f"weight shapes do not match {component}/config.json"
         raise SdcError(f"{source.path}: cannot load its {component} ({first}); check the model "
                        "files, or pass --config for a non-standard single-file checkpoint") from None
-
-
-def _torch_half():
-    import torch
-
-    return torch.float16
 
 
 def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: dict) -> dict:

@@ -20,7 +20,7 @@ This module is torch-free (the runtime may import it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,7 +84,6 @@ class GraphSpec:
     fp32_max_rel: float = 1e-4  # max|onnx - torch| / max|torch|; exporter noise is ~1e-6
     fp16_min_psnr: float = 35.0  # dB vs the fp32 torch output; Apple's conversion gate
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     def case_dims(self, dims: ModelDims) -> dict:
         """Symbolic dims for the export trace and the parity cases.

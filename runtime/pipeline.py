@@ -151,10 +151,11 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
 
 
 def _default_scheduler(manifest: dict) -> str:
-    cls = manifest.get("scheduler", {}).get("class") or ""
-    return {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-            "EulerAncestralDiscreteScheduler": "euler-a", "LMSDiscreteScheduler": "lms",
-            "DPMSolverMultistepScheduler": "dpmpp-2m"}.get(cls, "pndm")
+    """The sdc name of the build's own scheduler class (first match), else SD's PNDM."""
+    from .schedulers import SCHEDULERS
+
+    cls = manifest.get("scheduler", {}).get("class")
+    return next((name for name, s in SCHEDULERS.items() if s.diffusers_class == cls), "pndm")
 
 
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
