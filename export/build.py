@@ -33,6 +33,10 @@ from .memory import process_peak_rss_bytes
 from .specs import GRAPH_SPECS, STAGES, ModelDims
 
 PRECISIONS = ("fp16", "fp32")
+# What a build writes; part of the build key so a cached build of an older layout is rebuilt.
+# 2: vae_decoder/tiled/ segments.
+BUILD_LAYOUT = 2
+TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
 TMP_PREFIX = ".sdc-tmp-"
 
 
@@ -77,7 +81,7 @@ def build_key(source_hash: str, opts: BuildOptions, versions: dict) -> str:
     """Content key: what the graphs depend on. LoRAs/embeddings join it when fusion lands."""
     from .exporter import OPSET
 
-    payload = {"source": source_hash, "precision": opts.precision, "stages": list(opts.stages),
+    payload = {"layout": BUILD_LAYOUT, "source": source_hash, "precision": opts.precision, "stages": list(opts.stages),
                "opset": OPSET, "loras": [], "embeddings": [],
                "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -158,6 +162,8 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         facts = export_graph(spec, wrap(spec, module), dims, tmp / stage)
         log(f"[{stage}] exported {graph_precision} ({time.perf_counter() - t0:.1f} s)")
         results[stage] = {"graph_precision": graph_precision, **facts}
+        if stage == "vae_decoder":
+            results[stage]["tiled"] = _export_tiled_decoder(module, spec, dims, tmp / stage, log)
     # Free the torch weights before ORT loads the graphs: the two never coexist in memory.
     del module
     gc.collect()
@@ -167,7 +173,46 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         log(f"[{stage}] parity {report['metric']} {report['value']:.3g} {op} {report['threshold']} "
             f"over {len(report['cases'])} shapes: passed")
         results[stage].update(parity=report, memory=memory)
+        if results[stage].get("tiled"):
+            _check_tiled_decoder(results[stage]["tiled"], spec, dims, feeds, refs, tmp / stage, log)
     return results
+
+
+# The parity gate's tile: cuts the square case (4 x unet_multiple latents) into 4 x 4 tiles and
+# the non-square one into 3 x 5, so every halo and seam is exercised at every level.
+def _parity_tile(dims: ModelDims) -> int:
+    return dims.unet_multiple
+
+
+def _export_tiled_decoder(vae, spec, dims: ModelDims, stage_dir: Path, log) -> dict | None:
+    """The decoder cut at its GroupNorms for exact tiling (export/vae_segments.py); None, with a
+    log line, for a decoder whose structure the cut does not know (then the runtime falls back to
+    blended tiles of the whole graph)."""
+    import torch
+
+    from .vae_segments import UnsupportedDecoder, export_segments
+
+    t0 = time.perf_counter()
+    trace = spec.dummy_inputs(dims, spec.case_dims(dims)["trace"])["latent_sample"]
+    try:
+        segments = export_segments(vae, torch.from_numpy(trace), stage_dir / TILED_DIR)
+    except UnsupportedDecoder as e:
+        log(f"[vae_decoder] no exact tiled decoder ({e}); tiled decodes will blend whole-graph tiles")
+        return None
+    log(f"[vae_decoder] exported {len(segments)} segments for exact tiling "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return {"dir": TILED_DIR, "segments": segments}
+
+
+def _check_tiled_decoder(tiled: dict, spec, dims: ModelDims, feeds: dict, refs: dict,
+                         stage_dir: Path, log) -> None:
+    from .parity import check_tiled_decoder
+
+    tile = _parity_tile(dims)
+    tiled["parity"] = check_tiled_decoder(stage_dir / tiled["dir"], tiled["segments"], spec, feeds,
+                                          refs, tile)
+    log(f"[vae_decoder] tiled parity max_rel {tiled['parity']['value']:.3g} <= "
+        f"{spec.fp32_max_rel} at {tile}-latent tiles: passed")
 
 
 def _load(source, component: str, dtype: str):
@@ -190,6 +235,7 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
     import onnx
 
     spec = GRAPH_SPECS[stage]
+    tiled_prefix = f"{stage}/{TILED_DIR}/"
     proto = onnx.load(str(tmp / stage / "model.onnx"), load_external_data=False)
     declared = {i.name: numpy_dtype(i.type.tensor_type.elem_type)
                 for i in list(proto.graph.input) + list(proto.graph.output)}
@@ -207,7 +253,8 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
               if spec.fp16_policy == "fp32" else "fp16 build")
     return {
         "description": spec.description,
-        "files": sorted(rel for rel in files if rel.startswith(f"{stage}/")),
+        "files": sorted(rel for rel in files
+                        if rel.startswith(f"{stage}/") and not rel.startswith(tiled_prefix)),
         "opset": OPSET,
         "precision": precision,
         "precision_reason": reason,
@@ -216,6 +263,18 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
         "parity": result["parity"],
         "memory": result["memory"],
         "weights": result["weights"],
+        **({"tiled": _tiled_entry(result["tiled"], tiled_prefix, files)}
+           if result.get("tiled") else {}),
+    }
+
+
+def _tiled_entry(tiled: dict, prefix: str, files: dict) -> dict:
+    return {
+        "description": "the decoder cut at its GroupNorms: the runtime decodes tile by tile with "
+                       "whole-image statistics, exactly (see sdc/export/vae_segments.py)",
+        "files": sorted(rel for rel in files if rel.startswith(prefix)),
+        "segments": [{**seg, "file": prefix + seg["file"]} for seg in tiled["segments"]],
+        "parity": tiled["parity"],
     }
 
 

@@ -99,3 +99,38 @@ def check_graph(spec: GraphSpec, onnx_path: Path, graph_precision: str,
                           "the build was not written")
     return report, {"peak_rss_bytes": peak.bytes, "at": results[0]["input_shapes"],
                     "what": "ORT CPU session create + parity runs, RSS above the pre-session level"}
+
+
+def check_tiled_decoder(folder: Path, segments: list[dict], spec: GraphSpec, feeds_by_case: dict,
+                        refs: dict, tile: int) -> dict:
+    """The VAE decoder's segments, run by the runtime's own exact tiled decode at a tile size that
+    cuts every parity case into several tiles per axis, against the torch decoder: the same fp32
+    gate as the whole graph (the cut and the tiling must change nothing but rounding)."""
+    import onnxruntime as ort
+
+    from ..runtime.vae_segmented import decode_segmented
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = {s["name"]: ort.InferenceSession(str(folder / s["file"]), opts,
+                                                providers=["CPUExecutionProvider"])
+                for s in segments}
+    results = []
+    for case, feeds in feeds_by_case.items():
+        out = decode_segmented(lambda name, f: sessions[name].run(None, f)[0], segments,
+                               feeds["latent_sample"], tile)
+        res = compare(refs[case], out, "fp32", spec)
+        results.append({"case": case, "input_shapes": {"latent_sample": list(
+            feeds["latent_sample"].shape)}, "tile": tile, **res})
+    del sessions
+    worst = [r["value"] for r in results if r["value"] is not None]
+    report = {"metric": "max_rel", "threshold": spec.fp32_max_rel, "reference": "torch fp32",
+              "value": max(worst) if worst else None,
+              "passed": all(r["passed"] for r in results), "cases": results}
+    if not report["passed"]:
+        bad = next(r for r in results if not r["passed"])
+        shown = bad.get("detail") or f"max_rel={bad['value']:.4g}"
+        raise ParityError(f"parity failed for the tiled {spec.stage} (case {bad['case']}, tile "
+                          f"{tile} latents): {shown}, required max_rel <= {spec.fp32_max_rel}; "
+                          "the build was not written")
+    return report

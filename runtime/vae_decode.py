@@ -1,0 +1,67 @@
+"""The pipeline's VAE decode stage: whole graph, exact segmented tiles, or blended tiles.
+
+  tile 0                      the vae_decoder graph on the whole latent (fastest, biggest peak)
+  tile N, build has segments  exact tiled decode (vae_segmented.py): same pixels as untiled
+  tile N, no segments         blended whole-graph tiles (vae_tiling.py), for builds made before
+                              the segments existed or of decoders the cut does not know; its
+                              per-tile GroupNorm costs fidelity, so it says so in a warning
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .sessions import free_memory, open_session
+
+
+def decode_latents(folder: Path, graph: dict, z: np.ndarray, factor: int, tile: int,
+                   provider: str, log: Callable[[str], None],
+                   progress: Callable[[str, int, int], None]) -> tuple[list, str, list[str]]:
+    """Pixels [1, 3, H, W] per image of z (latents already divided by the scaling factor);
+    returns (pixels, the provider it ran on, warnings). Sessions are released before return."""
+    if tile and graph.get("tiled"):
+        return _decode_segmented(folder, graph["tiled"], z, tile, provider, log, progress)
+    from .vae_tiling import decode_tiled
+
+    dec = open_session(folder, "vae_decoder", graph, provider)
+    log(f"[vae_decoder] holding vae_decoder on {dec.provider}"
+        + (f" (blended {tile}-latent tiles)" if tile else ""))
+    warnings = list(dec.warnings)
+    if tile:
+        warnings.append("vae_decoder: this build has no exact tiled decoder, so tiles are "
+                        "blended and differ slightly from an untiled decode; rebuild with this sdc "
+                        "for exact tiles")
+    decode = lambda t: dec.run({"latent_sample": np.ascontiguousarray(t)})  # noqa: E731
+    pixels = []
+    for i in range(len(z)):
+        pixels.append(decode_tiled(decode, z[i:i + 1], factor, tile=tile) if tile
+                      else decode(z[i:i + 1]))
+        progress("vae_decoder", i + 1, len(z))
+    actual = dec.provider
+    del dec
+    free_memory()
+    return pixels, actual, warnings
+
+
+def _decode_segmented(folder, tiled: dict, z, tile, provider, log, progress):
+    from .vae_segmented import decode_segmented
+
+    segments = tiled["segments"]
+    sessions = {s["name"]: open_session(folder, "vae_decoder", tiled, provider,
+                                        onnx_file=s["file"], arena=False) for s in segments}
+    actual = {s.provider for s in sessions.values()}
+    first = next(iter(sessions.values()))
+    log(f"[vae_decoder] holding {len(sessions)} decoder segments on {', '.join(sorted(actual))} "
+        f"(exact {tile}-latent tiles)")
+    warnings = list(first.warnings)
+    run = lambda name, feeds: sessions[name].session.run(None, feeds)[0]  # noqa: E731
+    pixels = []
+    for i in range(len(z)):
+        pixels.append(decode_segmented(run, segments, z[i:i + 1], tile))
+        progress("vae_decoder", i + 1, len(z))
+    del sessions, first, run
+    free_memory()
+    return pixels, ", ".join(sorted(actual)), warnings
