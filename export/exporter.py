@@ -94,11 +94,16 @@ def export_graph(spec: GraphSpec, graph: torch.nn.Module, dims: ModelDims, out_d
     case = spec.case_dims(dims)["trace"]
     feeds = spec.dummy_inputs(dims, case)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    extra = {}
+    if spec.fused_attention:
+        from .attention import fused_attention_table
+
+        extra["custom_translation_table"] = fused_attention_table()
     with torch.no_grad(), quiet_torch_stack():
         program = torch.onnx.export(
             graph, args, dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-            dynamic_shapes={name: axes for name, axes in spec.dynamic_axes.items()},
+            dynamic_shapes={name: axes for name, axes in spec.dynamic_axes.items()}, **extra,
         )
     # Save through onnx_ir, which streams tensors straight to the data file: converting to a
     # ModelProto first would hold a second full copy of the weights (7.2 vs 3.8 GiB peak for the

@@ -81,6 +81,9 @@ class GraphSpec:
     # fp16 builds keep this graph fp32 when "fp32": the SD VAE decoder overflows fp16 on some
     # latents (NaN/black images), a known failure of fp16-as-a-final-cast.
     fp16_policy: str = "fp16"
+    # attention as onnxruntime's fused MultiHeadAttention (export/attention.py) instead of
+    # MatMul-Softmax-MatMul: no full score matrix (1 GiB per SD1.5 self-attention at 512 px)
+    fused_attention: bool = False
     fp32_max_rel: float = 1e-4  # max|onnx - torch| / max|torch|; exporter noise is ~1e-6
     fp16_min_psnr: float = 35.0  # dB vs the fp32 torch output; Apple's conversion gate
     description: str = ""
@@ -160,6 +163,7 @@ UNET = GraphSpec(
         "timestep": {0: "batch"},
         "encoder_hidden_states": {0: "batch", 1: "sequence"},
     },
+    fused_attention=True,
     description="denoiser: noisy latents, timestep, text states -> predicted noise (or v)",
 )
 
