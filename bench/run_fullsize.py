@@ -7,7 +7,7 @@ child also reports its in-process generation time. Needs the folders bench/build
 leaves with --keep:
 
     python bench/build_fullsize.py --work /tmp/sdc-bench --keep
-    python bench/run_fullsize.py --work /tmp/sdc-bench [--steps 4] [--size 512]
+    python bench/run_fullsize.py --work /tmp/sdc-bench [--steps 20] [--sizes 256 512]
 """
 
 from __future__ import annotations
@@ -72,36 +72,42 @@ def run(cmd: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/sdc-bench"))
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     args = ap.parse_args()
     model, art = args.work / "sd15-random", args.work / "sd15-fp32"
     if not (art / "manifest.json").is_file():
         sys.exit(f"{art}: no build; run bench/build_fullsize.py --work {args.work} --keep first")
-    lat = args.work / "latents.npy"
-    f = args.size // 8
+    runs = [_bench_size(args, model, art, size) for size in args.sizes]
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(runs, indent=1) + "\n")
+    print(json.dumps(runs, indent=1))
+
+
+def _bench_size(args, model: Path, art: Path, size: int) -> dict:
+    lat = args.work / f"latents-{size}.npy"
+    f = size // 8
     np_code = (f"import numpy as np; np.save({str(lat)!r}, np.random.default_rng(0)"
                f".standard_normal((1, 4, {f}, {f})).astype(np.float32))")
     subprocess.run([sys.executable, "-c", np_code], check=True)
     py = sys.executable
-    results = {"settings": {"size": args.size, "steps": args.steps, "scheduler": "pndm",
+    results = {"settings": {"size": size, "steps": args.steps, "scheduler": "pndm",
                             "guidance": 7.5, "precision": "fp32", "provider": "cpu",
                             "cores": os.cpu_count()}}
-    print("diffusers ...", flush=True)
+    print(f"{size} px: diffusers ...", flush=True)
     results["diffusers"] = run([py, "-c", DIFFUSERS_CHILD, str(model), str(args.steps),
-                                str(args.size), str(lat), str(args.work / "diffusers.png")])
+                                str(size), str(lat), str(args.work / f"diffusers-{size}.png")])
     for label, tile in (("sdc_untiled", 0), ("sdc_tiled32", 32)):
-        print(f"{label} ...", flush=True)
-        results[label] = run([py, "-c", SDC_CHILD, str(art), str(args.steps), str(args.size),
-                              str(tile), str(lat), str(args.work / f"{label}.png")])
+        print(f"{size} px: {label} ...", flush=True)
+        results[label] = run([py, "-c", SDC_CHILD, str(art), str(args.steps), str(size),
+                              str(tile), str(lat), str(args.work / f"{label}-{size}.png")])
     d = results["diffusers"]
     for label in ("sdc_untiled", "sdc_tiled32"):
         r = results[label]
         r["time_vs_diffusers"] = round(r["wall_s"] / d["wall_s"], 2)
         r["peak_vs_diffusers"] = round(r["peak_rss_gib"] / d["peak_rss_gib"], 2)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    print(json.dumps(results), flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -45,20 +45,36 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Diffusers component configs for a single-file checkpoint of non-SD1.5 size.")
 @click.option("--stages", default=",".join(("text_encoder", "unet", "vae_decoder", "vae_encoder")),
               show_default=True, help="Comma-separated graphs to build.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
+              help="LoRA to fuse (repeatable), e.g. seal.safetensors:0.8:down=0,mid=1,up=1,te=0.")
+@click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
+              help="Re-fuse --lora into a copy of this existing build, without torch.")
 @click.pass_obj
-def build(obj, model, precision, out, force, config, stages) -> None:
+def build(obj, model, precision, out, force, config, stages, loras, from_dir) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
-    from ..export.build import BuildOptions, build as run_build
+    from ..fusion.fuse import parse_lora_arg
 
+    specs = tuple(parse_lora_arg(lo) for lo in loras)
     console = _console()
-    opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
-                        stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                        cancel=obj.get("cancel"))
     with console.status("building…", spinner="dots") as status:
         def log(msg: str) -> None:
             console.log(msg, markup=False)
             status.update(f"building… {msg.split(']')[0].lstrip('[')}", )
 
+        if from_dir is not None:
+            if model is not None:
+                raise SdcError(f"--from {from_dir} re-fuses an existing build: give no MODEL "
+                               f"(found {model})")
+            from ..fusion.refuse import refuse
+
+            out_dir, _, _ = refuse(from_dir, list(specs), out, force=force, log=log)
+            click.echo(str(out_dir))
+            return
+        from ..export.build import BuildOptions, build as run_build
+
+        opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
+                            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                            cancel=obj.get("cancel"), loras=specs)
         result = run_build(opts, log=log)
     click.echo(str(result.out))
 
@@ -88,9 +104,11 @@ def build(obj, model, precision, out, force, config, stages) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
               help="A .png file, or a folder for <seed>.png files.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 of the artifacts (sizes still checked).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
+              help="LoRA fused at session start (repeatable); the build is not changed.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the written paths.")
 def run(prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
-        provider, latents, init_image, strength, vae_tile, out, no_verify, quiet) -> None:
+        provider, latents, init_image, strength, vae_tile, out, no_verify, loras, quiet) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
     from ..runtime.outputs import output_paths
     from ..runtime.pipeline import GenerateOptions, run_pipeline
@@ -100,7 +118,7 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
                            guidance=guidance, seed=seed, width=width, height=height,
                            scheduler=scheduler, batch=batch, provider=provider, latents=latents,
                            init_image=init_image, strength=strength, verify=not no_verify,
-                           vae_tile=vae_tile)
+                           vae_tile=vae_tile, loras=loras)
     output_paths(out, [0] * batch)  # refuse an unwritable --out before minutes of work
     console = _console()
     log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))
@@ -134,11 +152,19 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
 @cli.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def inspect(artifacts: Path, as_json: bool) -> None:
-    """Summarise a build's manifest: model, precision, graphs, parity, sizes."""
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="For a LoRA file: match its keys against this build [default: SD1.5 layout].")
+def inspect(artifacts: Path, as_json: bool, base: Path | None) -> None:
+    """Summarise a build's manifest, or a LoRA file (format, rank, alpha, keys, triggers)."""
     from ..runtime.inspect import describe
     from ..runtime.manifest import load_manifest
 
+    if artifacts.suffix.lower() == ".safetensors":
+        from ..fusion.inspect import describe_lora
+
+        text, report = describe_lora(artifacts, base)
+        click.echo(json.dumps(report, indent=1) if as_json else text)
+        return
     manifest = load_manifest(artifacts)
     if as_json:
         click.echo(json.dumps(manifest, indent=1))

@@ -50,6 +50,7 @@ class BuildOptions:
     stages: tuple[str, ...] = STAGES
     artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
     cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
+    loras: tuple = ()  # fusion.fuse.LoraSpec: adapters fused into the weights before export
 
 
 def _check_cancel(opts: BuildOptions) -> None:
@@ -77,12 +78,14 @@ def _versions() -> dict:
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def build_key(source_hash: str, opts: BuildOptions, versions: dict) -> str:
-    """Content key: what the graphs depend on. LoRAs/embeddings join it when fusion lands."""
+def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list | None = None) -> str:
+    """Content key: what the graphs depend on (adapters by content hash, weight and blocks)."""
     from .exporter import OPSET
 
-    payload = {"layout": BUILD_LAYOUT, "source": source_hash, "precision": opts.precision, "stages": list(opts.stages),
-               "opset": OPSET, "loras": [], "embeddings": [],
+    payload = {"layout": BUILD_LAYOUT, "source": source_hash, "precision": opts.precision,
+               "stages": list(opts.stages), "opset": OPSET,
+               "loras": [[lo["sha256"], lo["weight"], lo["blocks"]] for lo in loras or []],
+               "embeddings": [],
                "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -131,7 +134,7 @@ def _clean_stale_tmp(parent: Path) -> None:
 
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
-                     tmp: Path, log: Callable[[str], None]) -> dict:
+                     tmp: Path, log: Callable[[str], None], fusion=None) -> dict:
     import torch
 
     from .exporter import export_graph, wrap
@@ -141,6 +144,8 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
     module = _load(source, component, "fp32")
     log(f"[{component}] loaded fp32 ({sum(p.numel() for p in module.parameters()) / 1e6:.2f} M "
         f"params, {time.perf_counter() - t0:.1f} s)")
+    if fusion is not None and (n := fusion.apply(module, component)):
+        log(f"[{component}] fused LoRA into {n} weights")
     plans = {}
     for stage in stages:
         spec = GRAPH_SPECS[stage]
@@ -156,6 +161,8 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
             del module
             gc.collect()
             module = _load(source, component, "fp16")
+            if fusion is not None:
+                fusion.apply(module, component)
         elif graph_precision == "fp32" and module.dtype == torch.float16:
             raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
         t0 = time.perf_counter()
@@ -309,8 +316,31 @@ def _write_model_index(tmp: Path, stages) -> None:
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def default_out(opts: BuildOptions, source_name: str) -> Path:
-    return opts.artifacts_root / f"{source_name}-{opts.precision}"
+def default_out(opts: BuildOptions, source_name: str, loras=()) -> Path:
+    """artifacts/<model>[+<lora>...]-<precision>: a LoRA build never replaces its base build."""
+    name = "+".join([source_name] + [Path(lo.path).stem for lo in loras])
+    return opts.artifacts_root / f"{name}-{opts.precision}"
+
+
+def _read_adapters(source, opts: BuildOptions, log) -> list:
+    """Every --lora parsed and matched against this model's modules before any export starts."""
+    if not opts.loras:
+        return []
+    from ..fusion.lora import read_lora
+    from ..fusion.torch_apply import known_from_configs
+
+    known = known_from_configs(source.configs())
+    adapters = [(read_lora(spec.path, known), spec) for spec in opts.loras]
+    for lora, spec in adapters:
+        comps = sorted({layer.component for layer in lora.layers})
+        missing = [c for c in comps if c not in opts.stages]
+        if missing:
+            raise SdcError(f"--lora {lora.path} changes {', '.join(missing)}, which --stages leaves "
+                           "out; build those stages too")
+        log(f"lora: {lora.name} ({lora.format}, {len(lora.layers)} layers in "
+            f"{', '.join(comps)}, rank {'/'.join(map(str, lora.ranks()))}, weight {spec.weight:g}"
+            + (f", blocks {spec.blocks}" if spec.blocks else "") + ")")
+    return adapters
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
@@ -327,16 +357,19 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     t_start = time.perf_counter()
     source = resolve_model(opts.model, opts.config)
     try:
-        out = Path(opts.out) if opts.out else default_out(opts, source.name)
+        out = Path(opts.out) if opts.out else default_out(opts, source.name, opts.loras)
         out = out.absolute()
         _check_out(out)
         if source.stand_in:
             log(f"model: {source.name} — {source.note}")
         else:
             log(f"model: {source.name} ({source.kind}, {source.family}) from {source.path}")
+        adapters = _read_adapters(source, opts, log)
         versions = _versions()
         source_hash = source.content_hash()
-        key = build_key(source_hash, opts, versions)
+        key = build_key(source_hash, opts, versions,
+                        [{"sha256": a.sha256, "weight": s.weight, "blocks": s.blocks}
+                         for a, s in adapters])
         if not opts.force and (manifest := _reusable(out, key)):
             log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
             return BuildResult(out, manifest, reused=True)
@@ -345,7 +378,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start)
+            manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start,
+                                   adapters)
             _check_cancel(opts)
             _move_into_place(tmp, out)
         finally:
@@ -358,7 +392,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
 
 def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, opts: BuildOptions,
-                log, t_start: float) -> dict:
+                log, t_start: float, adapters: list) -> dict:
+    from ..fusion.fuse import plan, report
+
+    fusion = None
+    if adapters:
+        from ..fusion.torch_apply import TorchFusion
+
+        fusion = TorchFusion(plan(adapters))
     dims = source.dims()
     stages = [s for s in STAGES if s in opts.stages]
     by_component: dict[str, list[str]] = {}
@@ -370,7 +411,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         comp_stages.sort(key=lambda s: GRAPH_SPECS[s].fp16_policy != "fp32")
         _check_cancel(opts)
         results.update(_build_component(source, component, comp_stages, opts.precision, dims,
-                                        tmp, log))
+                                        tmp, log, fusion))
         _check_cancel(opts)
     scheduler = _copy_tokenizer_and_scheduler(source, tmp)
     _write_model_index(tmp, stages)
@@ -395,7 +436,8 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         "tokenizer": {"files": sorted(r for r in files if r.startswith("tokenizer/")),
                       "max_length": dims.max_sequence},
         "graphs": {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages},
-        "loras": [],
+        "loras": [{**r, "applied": "build"}
+                  for r in report(adapters, fusion.max_delta if fusion else {})],
         "embeddings": [],
         "files": files,
         "build": {"seconds": round(time.perf_counter() - t_start, 2),

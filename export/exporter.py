@@ -114,7 +114,25 @@ def export_graph(spec: GraphSpec, graph: torch.nn.Module, dims: ModelDims, out_d
     os.chmod(out_dir / DATA_FILE, 0o644)  # artifacts are shared read-only data
     weights = _weight_map(spec, graph, set(model.graph.initializers))
     del program, model
+    weights["data"] = _external_data_table(out_dir / ONNX_FILE, set(weights["map"].values()))
+    weights["data_file"] = DATA_FILE
     return {"weights": weights}
+
+
+def _external_data_table(onnx_path: Path, names: set[str]) -> dict:
+    """{initializer: [offset, length, dtype, shape]} for the mapped weights stored in the data file,
+    so torch-free tools (LoRA re-fuse, run-time swap) read and patch them with numpy alone."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    table = {}
+    for init in proto.graph.initializer:
+        if init.name not in names or init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") != DATA_FILE:
+            continue
+        table[init.name] = [int(info.get("offset", 0)), int(info["length"]),
+                            numpy_dtype(init.data_type), list(init.dims)]
+    return table
 
 
 def _name_output_dims(model, spec: GraphSpec, dims: ModelDims) -> None:

@@ -33,6 +33,18 @@ def describe(manifest: dict) -> str:
         lines.append(f"  {stage:<13} {g['precision']}  {_size(size):>9}  parity {p['metric']} "
                      f"{p['value']:.3g} {op} {p['threshold']} {'ok' if p['passed'] else 'FAILED'}")
         lines.append(f"  {'':<13} {ins} -> {outs}")
+        if g.get("tiled"):
+            t = g["tiled"]
+            lines.append(f"  {'':<13} exact tiled decode: {len(t['segments'])} segments, parity "
+                         f"max_rel {t['parity']['value']:.3g} "
+                         f"{'ok' if t['parity']['passed'] else 'FAILED'}")
+    for lo in manifest.get("loras", []):
+        lines.append(f"lora       {lo['name']} ({lo['format']}) weight {lo['weight']:g}, rank "
+                     f"{'/'.join(map(str, lo['rank']))}, {lo['layers']} layers, fused at "
+                     f"{lo.get('applied', 'build')}; triggers: {', '.join(lo['triggers']) or '-'}")
+    if manifest.get("refused_from"):
+        lines.append(f"re-fused from {manifest['refused_from']['path']} (parity entries are the "
+                     "base build's)")
     b = manifest["build"]
     lines.append(f"built in {b['seconds']:.0f} s, peak RSS {_size(b['peak_rss_bytes'])}")
     return "\n".join(lines)

@@ -54,6 +54,9 @@ class GenerateOptions:
     # the untiled decode's time at 512 px and save a quarter of its peak, measured; the memory
     # planner will choose tiles when a budget requires them)
     cfg_split: bool = False  # run the CFG halves as two UNet passes (half the activation memory)
+    # LoRAs fused in numpy at session start (`PATH[:WEIGHT[:BLOCKS]]` strings or LoraSpec) and
+    # swapped into the sessions; the build on disk is not changed
+    loras: tuple = ()
 
 
 @dataclass
@@ -177,6 +180,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
         raise SdcError(f"{folder}: {len(problems)} artifact file(s) do not match the manifest ("
                        + "; ".join(problems[:3]) + "); rebuild, or run `sdc verify` for details")
     resolve_providers(opts.provider)  # an unavailable provider fails before any work
+    swapped, lora_report = _swap_loras(folder, manifest, opts.loras, log)
     model, graphs = manifest["model"], manifest["graphs"]
     f, c = model["vae_scale_factor"], model["latent_channels"]
     warnings: list[str] = []
@@ -203,7 +207,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     for text, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):], tokens.truncated):
         if cut:
             warnings.append(f"{text} longer than {tok.max_length} tokens: dropped {cut!r}")
-    te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider)
+    te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider,
+                      initializers=swapped.pop("text_encoder", None))
     log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
     embeds = te.run({"input_ids": tokens.ids})
     providers["text_encoder"], warnings = te.provider, warnings + te.warnings
@@ -243,7 +248,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
 
     # 3. denoising loop -----------------------------------------------------------------------
     t0 = time.perf_counter()
-    unet = open_session(folder, "unet", graphs["unet"], opts.provider)
+    unet = open_session(folder, "unet", graphs["unet"], opts.provider,
+                        initializers=swapped.pop("unet", None))
     log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
     providers["unet"], warnings = unet.provider, warnings + unet.warnings
     multiple = model["unet_multiple"]
@@ -286,11 +292,27 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     timings["vae_decoder"] = time.perf_counter() - t0
 
     images, params = _to_images(pixels, opts, manifest, seeds, width, height, sched_name,
-                                any(tokens.truncated))
+                                any(tokens.truncated), lora_report)
     return GenerateResult(images, seeds, params, timings, providers, warnings, folder)
 
 
-def _to_images(pixels, opts, manifest, seeds, width, height, sched_name, truncated):
+def _swap_loras(folder: Path, manifest: dict, loras, log) -> tuple[dict, list]:
+    """Fused weights per stage for `--lora` (numpy, from the build's base weights), and their
+    report; nothing when no LoRA is asked for."""
+    if not loras:
+        return {}, []
+    from ..fusion.artifact import prepare
+    from ..fusion.fuse import LoraSpec, parse_lora_arg
+
+    specs = [lo if isinstance(lo, LoraSpec) else parse_lora_arg(str(lo)) for lo in loras]
+    swapped, lora_report = prepare(folder, manifest, specs)
+    for r in lora_report:
+        log(f"[lora] {r['name']}: weight {r['weight']:g}, {r['layers']} layers swapped in at "
+            "session start")
+    return swapped, [{**r, "applied": "run"} for r in lora_report]
+
+
+def _to_images(pixels, opts, manifest, seeds, width, height, sched_name, truncated, swapped=()):
     from PIL import Image
 
     base = manifest["base_model"]
@@ -303,7 +325,8 @@ def _to_images(pixels, opts, manifest, seeds, width, height, sched_name, truncat
             "scheduler": sched_name, "guidance": opts.guidance, "seed": seed, "width": width,
             "height": height, "model": base["name"],
             "model_hash": base.get("a1111_hash") or base["sha256"][:10],
-            "loras": [(lo.get("name"), lo.get("weight")) for lo in manifest.get("loras", [])],
+            "loras": [(lo.get("name"), lo.get("weight"))
+                      for lo in list(manifest.get("loras", [])) + list(swapped)],
             "strength": opts.strength if opts.init_image is not None else None,
             "truncated": truncated, "version": f"sdc {__version__}",
         })

@@ -47,6 +47,9 @@ class StageSession:
     provider: str
     load_seconds: float
     warnings: list[str] = field(default_factory=list)
+    # OrtValues handed to add_external_initializers: ORT reads them without copying, so they must
+    # outlive the session
+    keep: list = field(default_factory=list)
 
     def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> np.ndarray:
         check_feeds(self.stage, self.graph, feeds, latent_multiple)
@@ -54,11 +57,15 @@ class StageSession:
 
 
 def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
-                 onnx_file: str | None = None, arena: bool = True) -> StageSession:
+                 onnx_file: str | None = None, arena: bool = True,
+                 initializers: dict[str, np.ndarray] | None = None) -> StageSession:
     """`onnx_file` (relative to the build) defaults to the graph's own; `arena=False` turns ORT's
     CPU arena off, for graphs run many times at varying shapes next to other live sessions (the
     VAE decoder's segments: 26 arenas each holding its own peak summed to 7.8 GiB for one 512 px
-    decode, 1.4 GiB without; measured)."""
+    decode, 1.4 GiB without; measured). `initializers` replace external-data weights by name
+    (LoRA swap): `add_external_initializers`, which checks names, shapes and dtypes and acts
+    before graph optimisation; never `add_initializer`, which is silently ignored for weights
+    behind a Transpose (FACTS.md)."""
     import onnxruntime as ort
 
     wanted = resolve_providers(provider)
@@ -76,6 +83,11 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
     # the second step on, and slower steps. Off: 6.6 GiB steady (measured, 2 cores, fp32, 512²).
     opts.enable_mem_pattern = False
     opts.enable_cpu_mem_arena = arena
+    keep = []
+    if initializers:
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                for a in initializers.values()]
+        opts.add_external_initializers(list(initializers), keep)
     t0 = time.perf_counter()
     try:
         session = ort.InferenceSession(str(Path(folder) / onnx_file), opts, providers=wanted)
@@ -90,7 +102,7 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
             raise SdcError(f"{stage}: asked for CUDA but onnxruntime created the session on {actual} "
                            "(CUDA/cuDNN libraries missing?); use --provider cpu or fix the CUDA setup")
         notes.append(f"{stage}: CUDA unavailable at session creation, running on {actual}")
-    return StageSession(stage, graph, session, actual, time.perf_counter() - t0, notes)
+    return StageSession(stage, graph, session, actual, time.perf_counter() - t0, notes, keep)
 
 
 def free_memory() -> None:

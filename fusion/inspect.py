@@ -1,0 +1,49 @@
+"""`sdc inspect LORA.safetensors`: what an adapter is and what it would change, without building
+(torch-free). Keys are matched against a build's modules (`--base DIR`) or SD1.5's shipped module
+list, so an adapter for another model family fails here exactly as it would at build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .fuse import LoraSpec, report
+from .lora import read_lora
+
+SD15_MODULES = Path(__file__).resolve().parent.parent / "export" / "data" / "sd15" / "modules.json"
+
+
+def describe_lora(path: Path, base: Path | None = None) -> tuple[str, dict]:
+    if base is not None:
+        from ..runtime.manifest import load_manifest
+        from .artifact import known_modules
+
+        known = known_modules(load_manifest(base))
+        against = str(base)
+    else:
+        known = {c: set(m) for c, m in json.loads(SD15_MODULES.read_text()).items()}
+        against = "SD1.5 module layout"
+    lora = read_lora(path, known)
+    rep = report([(lora, LoraSpec(Path(path)))], {})[0]
+    rep.pop("max_abs_delta")
+    rep.pop("weight")
+    rep.pop("blocks")
+    rep["matched_against"] = against
+    per = {}
+    for layer in lora.layers:
+        kind = "conv" if layer.down.ndim == 4 else "linear"
+        per.setdefault(layer.component, {}).setdefault(kind, 0)
+        per[layer.component][kind] += 1
+    rep["layers_by_component"] = per
+    lines = [
+        f"lora: {lora.name} ({rep['format']}) {path}",
+        f"sha256: {rep['sha256']}",
+        f"rank: {'/'.join(map(str, rep['rank']))}   alpha: "
+        f"{'/'.join(f'{a:g}' for a in rep['alpha'])} (from {rep['alpha_source']})",
+        f"keys: {rep['matched_keys']}/{rep['total_keys']} matched against {against}",
+    ]
+    for comp, kinds in per.items():
+        lines.append(f"  {comp}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    lines.append("triggers: " + (", ".join(rep["triggers"]) or "none declared"))
+    return "\n".join(lines), rep

@@ -1,0 +1,238 @@
+"""LoRA files -> one normalised list of layers (torch-free), every key accounted for.
+
+Formats read (local .safetensors only):
+  kohya / A1111   lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha and
+                  lora_te_text_model_<...> for the text encoder; conv LoRAs (LoCon) have 4-D
+                  down [r, in, kh, kw] and up [out, r, 1, 1]. No .alpha means alpha = rank.
+  diffusers       unet.<module>.lora.down.weight / .lora.up.weight (older saves), and
+  diffusers/peft  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<...> likewise; the
+                  alpha comes from the file's `lora_adapter_metadata` (`unet.lora_alpha`,
+                  `unet.r`, `unet.alpha_pattern`), else a per-module `.alpha` tensor, else alpha
+                  = rank, which is what diffusers assumes and why a file saved without that
+                  metadata silently changes strength (FACTS.md): sdc says so in the report.
+Kohya module names flatten dots to underscores, which is ambiguous ("to_out_0"); they are matched
+against the base model's own module paths (the manifest's weight map, or the torch module's
+parameters), never guessed. Anything not matched fails with the file, the first unmatched keys and
+their count; formats sdc does not fuse (LoHa, LoKr, DoRA, SDXL's two text encoders) are named.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SdcError
+from ..runtime.manifest import sha256_file
+from .safetensors_file import read_safetensors
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+@dataclass
+class LoraLayer:
+    component: str  # unet | text_encoder
+    module: str  # dotted module path in the component (text encoder: without "text_model.")
+    down: np.ndarray  # [r, in] or [r, in, kh, kw]
+    up: np.ndarray  # [out, r] or [out, r, 1, 1]
+    alpha: float
+    source: str = ""  # the adapter file it came from
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    sha256: str
+    format: str  # kohya | diffusers | peft
+    layers: list[LoraLayer]
+    total_keys: int
+    alpha_source: str
+    metadata: dict = field(default_factory=dict)
+    triggers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def ranks(self) -> list[int]:
+        return sorted({layer.rank for layer in self.layers})
+
+    def alphas(self) -> list[float]:
+        return sorted({layer.alpha for layer in self.layers})
+
+
+_UNSUPPORTED = [
+    (re.compile(r"hada_w|hada_t"), "LoHa (LyCORIS) adapter"),
+    (re.compile(r"lokr_w|lokr_t"), "LoKr (LyCORIS) adapter"),
+    (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA adapter"),
+    (re.compile(r"^lora_te[12]_|text_encoder_2\.|^te2\.|add_embedding"),
+     "SDXL LoRA (two text encoders); sdc builds SD1.x models"),
+    (re.compile(r"^(double_blocks|single_blocks|transformer\.|lora_transformer_)"),
+     "Flux/SD3 transformer LoRA; sdc builds SD1.x models"),
+]
+
+
+def read_lora(path, known: dict[str, set[str]]) -> LoraFile:
+    """Parse `path` against the base model's module paths: {component: {dotted module path with a
+    `.weight` parameter}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise SdcError(f"--lora {path}: no such file; expected a LoRA .safetensors file")
+    if path.suffix.lower() != ".safetensors":
+        raise SdcError(f"--lora {path}: sdc reads LoRAs as .safetensors only (found "
+                       f"{path.suffix or 'no extension'}); convert the file to safetensors")
+    st = read_safetensors(path)
+    keys = st.keys()
+    if not keys:
+        raise SdcError(f"--lora {path}: the file holds no tensors")
+    for pattern, what in _UNSUPPORTED:
+        hits = [k for k in keys if pattern.search(k)]
+        if hits:
+            raise SdcError(f"--lora {path}: {what} (e.g. {hits[0]}); sdc fuses plain LoRA/LoCon "
+                           "adapters for SD1.x only")
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        fmt, groups = "kohya", _kohya_groups(st, known)
+    else:
+        fmt, groups = _diffusers_groups(st, known)
+    meta_alpha = _metadata_alphas(st.metadata)
+    layers, used, alpha_sources = [], set(), set()
+    for (component, module), parts in sorted(groups.items()):
+        if "down" not in parts or "up" not in parts:
+            missing = "up" if "down" in parts else "down"
+            some = next(iter(parts.values()))
+            raise SdcError(f"--lora {path}: {component} {module} has no {missing} weight (key "
+                           f"{some}); the file is incomplete")
+        down, up = st.tensor(parts["down"]), st.tensor(parts["up"])
+        used.update(parts.values())
+        if down.ndim not in (2, 4) or up.ndim != down.ndim:
+            raise SdcError(f"--lora {path}: {parts['down']} has shape {list(down.shape)} and "
+                           f"{parts['up']} {list(up.shape)}; expected 2-D (linear) or 4-D (conv) pairs")
+        if up.shape[1] != down.shape[0]:
+            raise SdcError(f"--lora {path}: rank differs between {parts['down']} "
+                           f"({down.shape[0]}) and {parts['up']} ({up.shape[1]}); the file is corrupt")
+        for key, arr in ((parts["down"], down), (parts["up"], up)):
+            if not np.isfinite(arr).all():
+                raise SdcError(f"--lora {path}: {key} contains NaN or Inf; the adapter is broken")
+        rank = down.shape[0]
+        if "alpha" in parts:
+            alpha = float(np.asarray(st.tensor(parts["alpha"]), np.float64).reshape(-1)[0])
+            alpha_sources.add("file")
+        elif (a := meta_alpha(component, module)) is not None:
+            alpha = a
+            alpha_sources.add("metadata")
+        else:
+            alpha = float(rank)
+            alpha_sources.add("rank (no alpha in the file)")
+        layers.append(LoraLayer(component, module, down, up, alpha, str(path)))
+    unused = [k for k in keys if k not in used]
+    if unused:
+        raise SdcError(f"--lora {path}: {len(unused)} of {len(keys)} keys match no layer of this "
+                       f"base model (first: {', '.join(unused[:3])}); is it an SD1.x LoRA?")
+    return LoraFile(path, sha256_file(path), fmt, layers, len(keys),
+                    ", ".join(sorted(alpha_sources)), dict(st.metadata), triggers(st.metadata))
+
+
+def _kohya_groups(st, known: dict[str, set[str]]) -> dict:
+    flat = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+        for module in known.get(component, ()):
+            stems = {module.replace(".", "_")}
+            if component == "text_encoder":
+                stems.add("text_model_" + module.replace(".", "_"))
+            for stem in stems:
+                flat[prefix + stem] = (component, module)
+    groups: dict = {}
+    for key in st.keys():
+        stem, _, suffix = key.partition(".")
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+        target = flat.get(stem)
+        if part is None or target is None:
+            continue  # reported as unmatched
+        groups.setdefault(target, {})[part] = key
+    return groups
+
+
+_DIFFUSERS_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:(?P<old>lora\.(?:down|up))|"
+                               r"(?P<peft>lora_[AB])|(?P<alpha>alpha))(?:\.weight)?$")
+
+
+def _diffusers_groups(st, known: dict[str, set[str]]) -> tuple[str, dict]:
+    groups: dict = {}
+    kinds = set()
+    for key in st.keys():
+        m = _DIFFUSERS_SUFFIX.match(key)
+        if not m:
+            continue
+        component, module = _split_component(m["module"], known)
+        if component is None:
+            continue
+        if m["old"]:
+            part = "down" if m["old"].endswith("down") else "up"
+            kinds.add("diffusers")
+        elif m["peft"]:
+            part = "down" if m["peft"] == "lora_A" else "up"
+            kinds.add("peft")
+        else:
+            part = "alpha"
+        groups.setdefault((component, module), {})[part] = key
+    return ("peft" if kinds == {"peft"} else "diffusers"), groups
+
+
+def _split_component(path: str, known: dict[str, set[str]]) -> tuple[str | None, str]:
+    for prefix, component in (("unet.", "unet"), ("text_encoder.", "text_encoder"),
+                              ("base_model.model.", None)):
+        if not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        for comp in ([component] if component else list(COMPONENTS)):
+            for candidate in (rest, rest.removeprefix("text_model.")):
+                if candidate in known.get(comp, ()):
+                    return comp, candidate
+    return None, path
+
+
+def _metadata_alphas(metadata: dict):
+    """diffusers' `lora_adapter_metadata`: per component lora_alpha, with peft's alpha_pattern
+    (a module-name suffix -> alpha) taking precedence."""
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        meta = {}
+
+    def alpha(component: str, module: str) -> float | None:
+        patterns = meta.get(f"{component}.alpha_pattern") or {}
+        for pat, value in patterns.items():
+            if module == pat or module.endswith("." + pat):
+                return float(value)
+        value = meta.get(f"{component}.lora_alpha")
+        return float(value) if value is not None else None
+
+    return alpha
+
+
+def triggers(metadata: dict) -> list[str]:
+    """Trigger words an adapter declares: sdc's own, modelspec's trigger phrase, then kohya's most
+    frequent training tags (ss_tag_frequency), in that order, without repeats."""
+    found: list[str] = []
+    for key in ("sdc.trigger", "modelspec.trigger_phrase"):
+        for word in (metadata.get(key) or "").split(","):
+            if word.strip():
+                found.append(word.strip())
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except json.JSONDecodeError:
+        freq = {}
+    counts: dict[str, int] = {}
+    for tags in freq.values() if isinstance(freq, dict) else ():
+        for tag, n in (tags.items() if isinstance(tags, dict) else ()):
+            counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
+    found += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
+    return list(dict.fromkeys(t for t in found if t))
