@@ -65,8 +65,12 @@ def run(cmd: list[str]) -> dict:
         text, errors = out.read(), err.read()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{cmd[:3]} failed:\n{errors[-3000:]}")
+    try:  # children that report something print it as JSON on their last line
+        extra = json.loads(text.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        extra = {}
     return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),
-            **json.loads(text.strip().splitlines()[-1])}
+            **extra}
 
 
 def main() -> None:

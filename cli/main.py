@@ -49,9 +49,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="LoRA to fuse (repeatable), e.g. seal.safetensors:0.8:down=0,mid=1,up=1,te=0.")
 @click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
               help="Re-fuse --lora into a copy of this existing build, without torch.")
+@click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
+              help="Textual-inversion embedding to add (repeatable); TOKEN defaults to its name.")
 @click.pass_obj
-def build(obj, model, precision, out, force, config, stages, loras, from_dir) -> None:
+def build(obj, model, precision, out, force, config, stages, loras, from_dir, embeddings) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
+    from ..fusion.embeddings import parse_embedding_arg
     from ..fusion.fuse import parse_lora_arg
 
     specs = tuple(parse_lora_arg(lo) for lo in loras)
@@ -62,9 +65,9 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir) ->
             status.update(f"building… {msg.split(']')[0].lstrip('[')}", )
 
         if from_dir is not None:
-            if model is not None:
-                raise SdcError(f"--from {from_dir} re-fuses an existing build: give no MODEL "
-                               f"(found {model})")
+            if model is not None or embeddings:
+                raise SdcError(f"--from {from_dir} re-fuses LoRAs into an existing build: give no "
+                               "MODEL and no --embedding (embeddings are added at a full build)")
             from ..fusion.refuse import refuse
 
             out_dir, _, _ = refuse(from_dir, list(specs), out, force=force, log=log)
@@ -74,7 +77,8 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir) ->
 
         opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
                             stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                            cancel=obj.get("cancel"), loras=specs)
+                            cancel=obj.get("cancel"), loras=specs,
+                            embeddings=tuple(parse_embedding_arg(e) for e in embeddings))
         result = run_build(opts, log=log)
     click.echo(str(result.out))
 

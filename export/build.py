@@ -34,8 +34,8 @@ from .specs import GRAPH_SPECS, STAGES, ModelDims
 
 PRECISIONS = ("fp16", "fp32")
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.
-# 2: vae_decoder/tiled/ segments.
-BUILD_LAYOUT = 2
+# 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
+BUILD_LAYOUT = 3
 TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
 TMP_PREFIX = ".sdc-tmp-"
 
@@ -51,6 +51,7 @@ class BuildOptions:
     artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
     cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
     loras: tuple = ()  # fusion.fuse.LoraSpec: adapters fused into the weights before export
+    embeddings: tuple = ()  # (path, token or None): textual-inversion tokens added at build
 
 
 def _check_cancel(opts: BuildOptions) -> None:
@@ -78,14 +79,15 @@ def _versions() -> dict:
             "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list | None = None) -> str:
+def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list | None = None,
+              embeddings: list | None = None) -> str:
     """Content key: what the graphs depend on (adapters by content hash, weight and blocks)."""
     from .exporter import OPSET
 
     payload = {"layout": BUILD_LAYOUT, "source": source_hash, "precision": opts.precision,
                "stages": list(opts.stages), "opset": OPSET,
                "loras": [[lo["sha256"], lo["weight"], lo["blocks"]] for lo in loras or []],
-               "embeddings": [],
+               "embeddings": [[e["sha256"], e["token"]] for e in embeddings or []],
                "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -285,7 +287,7 @@ def _tiled_entry(tiled: dict, prefix: str, files: dict) -> dict:
     }
 
 
-def _copy_tokenizer_and_scheduler(source, tmp: Path) -> dict:
+def _copy_tokenizer_and_scheduler(source, tmp: Path, embeddings: list | None = None) -> dict:
     tok = tmp / "tokenizer"
     tok.mkdir()
     src = source.tokenizer_dir()
@@ -299,6 +301,10 @@ def _copy_tokenizer_and_scheduler(source, tmp: Path) -> dict:
         from transformers import CLIPTokenizer
 
         CLIPTokenizer.from_pretrained(str(src)).save_pretrained(str(tok))
+    if embeddings:
+        from ..fusion.torch_apply import add_tokens
+
+        add_tokens(tok, embeddings)
     sched = tmp / "scheduler"
     sched.mkdir()
     config = source.scheduler_config()
@@ -320,6 +326,16 @@ def default_out(opts: BuildOptions, source_name: str, loras=()) -> Path:
     """artifacts/<model>[+<lora>...]-<precision>: a LoRA build never replaces its base build."""
     name = "+".join([source_name] + [Path(lo.path).stem for lo in loras])
     return opts.artifacts_root / f"{name}-{opts.precision}"
+
+
+def _read_embeddings(source, opts: BuildOptions) -> list[dict]:
+    """--embedding files read and given token ids after the base tokenizer's vocabulary."""
+    if not opts.embeddings:
+        return []
+    from ..fusion.torch_apply import plan_embeddings
+
+    return plan_embeddings(source.tokenizer_dir(), opts.embeddings,
+                           source.configs()["text_encoder"]["hidden_size"])
 
 
 def _read_adapters(source, opts: BuildOptions, log) -> list:
@@ -367,9 +383,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         adapters = _read_adapters(source, opts, log)
         versions = _versions()
         source_hash = source.content_hash()
+        embeddings = _read_embeddings(source, opts)
         key = build_key(source_hash, opts, versions,
                         [{"sha256": a.sha256, "weight": s.weight, "blocks": s.blocks}
-                         for a, s in adapters])
+                         for a, s in adapters], embeddings)
         if not opts.force and (manifest := _reusable(out, key)):
             log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
             return BuildResult(out, manifest, reused=True)
@@ -379,7 +396,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         tmp.mkdir()
         try:
             manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start,
-                                   adapters)
+                                   adapters, embeddings)
             _check_cancel(opts)
             _move_into_place(tmp, out)
         finally:
@@ -392,14 +409,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
 
 def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, opts: BuildOptions,
-                log, t_start: float, adapters: list) -> dict:
+                log, t_start: float, adapters: list, embeddings: list) -> dict:
     from ..fusion.fuse import plan, report
 
     fusion = None
-    if adapters:
+    if adapters or embeddings:
         from ..fusion.torch_apply import TorchFusion
 
-        fusion = TorchFusion(plan(adapters))
+        fusion = TorchFusion(plan(adapters), embeddings)
     dims = source.dims()
     stages = [s for s in STAGES if s in opts.stages]
     by_component: dict[str, list[str]] = {}
@@ -413,7 +430,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         results.update(_build_component(source, component, comp_stages, opts.precision, dims,
                                         tmp, log, fusion))
         _check_cancel(opts)
-    scheduler = _copy_tokenizer_and_scheduler(source, tmp)
+    scheduler = _copy_tokenizer_and_scheduler(source, tmp, embeddings)
     _write_model_index(tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
     manifest = {
@@ -438,7 +455,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         "graphs": {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages},
         "loras": [{**r, "applied": "build"}
                   for r in report(adapters, fusion.max_delta if fusion else {})],
-        "embeddings": [],
+        "embeddings": [{k: v for k, v in e.items() if k != "vectors_data"} for e in embeddings],
         "files": files,
         "build": {"seconds": round(time.perf_counter() - t_start, 2),
                   "peak_rss_bytes": process_peak_rss_bytes()},

@@ -203,7 +203,12 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     # 1. text encoder -------------------------------------------------------------------------
     t0 = time.perf_counter()
     tok = PromptTokenizer(folder / "tokenizer", manifest["tokenizer"]["max_length"])
-    tokens = tok([opts.negative, opts.prompt] if cfg else [opts.prompt])
+    texts = [opts.negative, opts.prompt] if cfg else [opts.prompt]
+    if manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n tokens
+        from ..fusion.embeddings import expand_prompt
+
+        texts = [expand_prompt(t, manifest["embeddings"]) for t in texts]
+    tokens = tok(texts)
     for text, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):], tokens.truncated):
         if cut:
             warnings.append(f"{text} longer than {tok.max_length} tokens: dropped {cut!r}")
