@@ -8,9 +8,17 @@ Recipe, sized for 2 CPU cores and <= 45 minutes in all:
   1. VAE (factor 4: 64 px images <-> 4 x 16 x 16 latents): L1 + MSE reconstruction with SD's tiny
      KL weight; then `scaling_factor` = 1 / std of the training latents, as SD's 0.18215 was set.
   2. Latents of every training image are encoded once (the posterior mean) and the VAE is dropped.
-  3. UNet + text encoder together, epsilon prediction on SD1's own noise schedule (scaled_linear
-     betas 0.00085..0.012, 1000 steps), captions dropped to "" 10 % of the time so classifier-free
-     guidance works at inference, AdamW with warmup and cosine decay.
+  3. UNet + text encoder together on SD1's own noise schedule (scaled_linear betas 0.00085..0.012,
+     1000 steps) with v-prediction, min-SNR-5 loss weighting and an EMA (0.999) of the weights,
+     captions dropped to "" 10 % of the time so classifier-free guidance works at inference, AdamW
+     lr 1e-3 with warmup and cosine decay, batch 48 x 3200 steps (154k samples).
+Why this recipe (measured with bench/tiny_eval.py, diffusers engine, 48 pairs, guidance 3, same
+data and architectures, trained on a GPU to compare recipes quickly): epsilon prediction at lr 5e-4
+scored colour / background / shape 15 / 29 / 21 %; + min-SNR-5 + EMA + lr 1e-3: 83 / 73 / 50 %;
+with v-prediction instead: 100 / 100 / 67 %; the same samples as 3200 steps of 48: 100 / 100 / 69 %;
+without min-SNR: 100 / 100 / 48 %. Guidance 7.5 is far worse for every recipe (19-42 % colour):
+this model wants guidance ~3. The VAE caps shape: ground-truth images score 100 / 100 / 100 %,
+their VAE round trips 100 / 100 / 81 % (mean error 6.2 / 255).
 Deterministic for a seed on CPU (fixed data, fixed step counts, torch's seeded generators). Writes
 a normal diffusers folder (fp16 weights to keep the package small; loaders upcast) with a model
 card: data, steps, losses, time, sha256 of every file.
@@ -34,17 +42,20 @@ from .tiny_tokenizer import derive as derive_tokenizer
 RES = 64
 CONFIG = {
     "seed": 0,
-    "images": 24000,
-    "vae_steps": 1800,
-    "vae_batch": 32,
+    "images": 16000,
+    "vae_steps": 2400,
+    "vae_batch": 16,
     "vae_lr": 1e-3,
-    "unet_steps": 6000,
-    "unet_batch": 64,
-    "unet_lr": 5e-4,
+    "unet_steps": 3200,
+    "unet_batch": 48,
+    "unet_lr": 1e-3,
     "warmup": 200,
     "caption_dropout": 0.1,
     "kl_weight": 1e-6,
+    "min_snr": 5.0,  # min-SNR-gamma loss weighting (0: off)
+    "ema": 0.999,  # EMA decay of UNet + text-encoder weights; the EMA weights are saved (0: off)
 }
+GUIDANCE = 3.0  # what this model wants (see above); the demo and the evaluation use it
 
 
 def configs(vocab_size: int, bos: int, eos: int) -> dict:
@@ -123,6 +134,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: np.ndarray, ca
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params] if cfg["ema"] > 0 else None
+    gamma = float(cfg["min_snr"])
     alphas = scheduler.alphas_cumprod.to(device)
     lat = torch.from_numpy(latents)
     losses = []
@@ -138,19 +151,33 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: np.ndarray, ca
         ids[drop] = empty[0]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
         noise, t = noise.to(device), t.to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = text_encoder(ids.to(device)).last_hidden_state
         pred = unet(xt, t, cond).sample
-        loss = ((pred - noise) ** 2).mean()
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if gamma > 0:  # min-SNR: min(SNR, gamma) / (SNR + 1) for v-prediction
+            snr = (a / (1 - a)).view(-1)
+            loss = (per * snr.clamp(max=gamma) / (snr + 1)).mean()
+        else:
+            loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        if ema is not None:
+            decay = min(cfg["ema"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        losses.append(float(per.mean().detach()))  # unweighted v-MSE, comparable across weightings
         if step % 250 == 0 or step == cfg["unet_steps"] - 1:
-            log(f"unet step {step}: loss {np.mean(losses[-100:]):.4f}")
+            log(f"unet step {step}: v-mse {np.mean(losses[-100:]):.4f}")
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
     unet.eval()
     text_encoder.eval()
     return losses
@@ -188,6 +215,7 @@ def train(out: Path, cfg: dict, device: str = "cpu", log=print) -> dict:
         f"{vae.config.scaling_factor}")
 
     scheduler = PNDMScheduler.from_pretrained(str(SD15_CONFIGS / "scheduler"))
+    scheduler.register_to_config(prediction_type="v_prediction")
     text_encoder = CLIPTextModel(CLIPTextConfig(**conf["text_encoder"])).to(device)
     unet = UNet2DConditionModel(**conf["unet"]).to(device)
     t0 = time.perf_counter()
@@ -206,8 +234,8 @@ def train(out: Path, cfg: dict, device: str = "cpu", log=print) -> dict:
         "seconds": {"vae": round(vae_s), "unet_text_encoder": round(unet_s),
                     "total": round(time.perf_counter() - t_start)},
         "loss": {"vae_final": round(float(np.mean(vae_losses[-100:])), 5),
-                 "unet_first": round(float(np.mean(unet_losses[:100])), 5),
-                 "unet_final": round(float(np.mean(unet_losses[-200:])), 5)},
+                 "unet_v_mse_first": round(float(np.mean(unet_losses[:100])), 5),
+                 "unet_v_mse_final": round(float(np.mean(unet_losses[-200:])), 5)},
         "vocab_size": len(vocab), "scaling_factor": vae.config.scaling_factor,
         "example_captions": [caption(s) for s in data.scenes[:5]],
     }
