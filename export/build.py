@@ -416,7 +416,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
     if adapters or embeddings:
         from ..fusion.torch_apply import TorchFusion
 
-        fusion = TorchFusion(plan(adapters), embeddings)
+        fusion = TorchFusion(plan(adapters), embeddings, keep=opts.precision == "fp16")
     dims = source.dims()
     stages = [s for s in STAGES if s in opts.stages]
     by_component: dict[str, list[str]] = {}

@@ -2,9 +2,10 @@
 
     W' = W + sum_i weight_i * block_i(layer) * (alpha_i / rank_i) * up_i @ down_i
 
-computed in float64 from the *base* weight every time (never incrementally: apply/unapply drifts,
-FACTS.md), then cast to the graph's dtype after checking that the result is finite and, for fp16
-graphs, within fp16's range (|W'| <= 65504), else failing with the layer's name.
+computed in float32 from the *base* weight every time (never incrementally: apply/unapply drifts,
+FACTS.md; float32 like diffusers' own fuse_lora, which the tests hold it to within 1e-6), then
+cast to the graph's dtype after checking that the result is finite and, for fp16 graphs, within
+fp16's range (|W'| <= 65504), else failing with the layer's name.
 
 Block weights (LoRA Block Weight): `down`, `mid`, `up` scale every UNet layer of those blocks,
 `down.1` / `up.2` one block by index, `base` the UNet layers outside blocks (conv_in, time
@@ -88,10 +89,10 @@ def block_multiplier(component: str, module: str, blocks: dict[str, float]) -> f
 
 
 def layer_delta(layer: LoraLayer, shape: tuple[int, ...]) -> np.ndarray:
-    """(alpha / rank) * up @ down in float64, shaped like the base weight."""
-    up = layer.up.astype(np.float64).reshape(layer.up.shape[0], layer.rank)
-    down = layer.down.astype(np.float64).reshape(layer.rank, -1)
-    delta = (layer.alpha / layer.rank) * (up @ down)
+    """(alpha / rank) * up @ down in float32, shaped like the base weight."""
+    up = layer.up.astype(np.float32).reshape(layer.up.shape[0], layer.rank)
+    down = layer.down.astype(np.float32).reshape(layer.rank, -1)
+    delta = np.float32(layer.alpha / layer.rank) * (up @ down)
     if delta.size != int(np.prod(shape)):
         raise SdcError(f"LoRA layer {layer.component} {layer.module}: update of shape "
                        f"{[layer.up.shape[0], *layer.down.shape[1:]]} does not fit the base weight "
@@ -123,10 +124,10 @@ def plan(adapters: list[tuple[LoraFile, LoraSpec]]) -> Applied:
 def fuse_param(name: str, base: np.ndarray, terms: list[tuple[float, LoraLayer]],
                dtype) -> tuple[np.ndarray, dict[str, float]]:
     """The fused weight cast to `dtype`, and each adapter file's max |delta| here (the report)."""
-    w = np.array(base, dtype=np.float64)
+    w = np.array(base, dtype=np.float32)
     per_source: dict[str, float] = {}
     for scale, layer in terms:
-        delta = scale * layer_delta(layer, w.shape)
+        delta = np.float32(scale) * layer_delta(layer, w.shape)
         per_source[layer.source] = max(per_source.get(layer.source, 0.0),
                                        float(np.abs(delta).max()))
         w += delta

@@ -2,7 +2,7 @@
 
 No torch, no export: the base build's files are hard-linked into the new build (copied where the
 filesystem cannot link), except the external-data files of graphs the adapters change, which are
-copied and patched in place at the offsets the manifest records (a fused weight has the base
+copied with those weights replaced at the offsets the manifest records (a fused weight has the base
 weight's dtype and shape, so every offset stays valid and model.onnx is untouched). The new
 manifest is the base's with those files re-hashed, the adapters reported and a new build key;
 it is written last and the directory renamed into place, like any build.
@@ -25,7 +25,8 @@ from typing import Callable
 
 from ..errors import SdcError
 from ..runtime import manifest as mf
-from .artifact import patch_data_file, prepare
+from .artifact import fusion_jobs, load_adapters, known_modules, write_fused_copies
+from .fuse import plan, report
 from .fuse import LoraSpec
 
 
@@ -45,15 +46,16 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
     if problems:
         raise SdcError(f"--from {from_dir}: {len(problems)} file(s) do not match its manifest "
                        f"({problems[0]}); rebuild it first")
-    fused, report = prepare(from_dir, base, specs)
+    adapters = load_adapters(specs, known_modules(base))
+    jobs = fusion_jobs(from_dir, base, plan(adapters))
     names = "+".join([base["base_model"]["name"]] + [Path(s.path).stem for s in specs])
     out = Path(out or artifacts_root / f"{names}-{base['precision']}").absolute()
     if out == from_dir:
         raise SdcError("--out must differ from --from: the base build stays as it is")
     _check_out(out)
     key = hashlib.sha256(json.dumps(
-        {"base": base["build_key"], "loras": [[r["sha256"], r["weight"], r["blocks"]]
-                                              for r in report]}, sort_keys=True).encode()).hexdigest()
+        {"base": base["build_key"], "loras": [[lo.sha256, s.weight, s.blocks]
+                                              for lo, s in adapters]}, sort_keys=True).encode()).hexdigest()
     if not force and mf.is_sdc_build(out):
         try:
             old = mf.load_manifest(out)
@@ -62,8 +64,7 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
         if old and old.get("build_key") == key and not mf.verify_files(out, old, hashes=False):
             log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
             return out, old, True
-    patched = {f"{stage}/{base['graphs'][stage]['weights']['data_file']}": (stage, arrays)
-               for stage, arrays in fused.items()}
+    patched = {f"{j.stage}/{base['graphs'][j.stage]['weights']['data_file']}" for j in jobs}
     _clean_stale_tmp(out.parent)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,20 +74,21 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
         for rel in base["files"]:
             src, dst = from_dir / rel, tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if rel in patched:
-                stage, arrays = patched[rel]
-                shutil.copyfile(src, dst)
-                patch_data_file(dst, base["graphs"][stage]["weights"]["data"], arrays)
-                manifest["files"][rel] = mf.file_entry(tmp, dst)[1]
-                log(f"[{stage}] fused {len(arrays)} weights into a copy of {rel}")
-            else:
+            if rel not in patched:
                 try:
                     os.link(src, dst)
                 except OSError:
                     shutil.copy2(src, dst)
+        entries, max_delta = write_fused_copies(
+            jobs, {rel: (from_dir / rel, tmp / rel) for rel in sorted(patched)})
+        manifest["files"].update(entries)
+        for rel in sorted(patched):
+            n = sum(1 for j in jobs if rel.startswith(j.stage + "/"))
+            log(f"[{rel.split('/')[0]}] fused {n} weights into a copy of {rel}")
+        report_ = report(adapters, max_delta)
         manifest.update(
             build_key=key, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            loras=[{**r, "applied": "refuse"} for r in report],
+            loras=[{**r, "applied": "refuse"} for r in report_],
             refused_from={"path": str(from_dir), "build_key": base["build_key"]},
             build={"seconds": round(time.perf_counter() - t0, 2),
                    "peak_rss_bytes": process_peak_rss_bytes()})
