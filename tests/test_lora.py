@@ -332,3 +332,17 @@ def test_fp16_range_is_checked(tiny_folder, loras):
         fuse_param("w", base, [(1e9, layer)], np.float16)
     fused, _ = fuse_param("w", base, [(1e9, layer)], np.float32)  # fp32 holds it
     assert np.isfinite(fused).all()
+
+
+def test_kohya_without_alpha_means_alpha_equals_rank(tiny_folder, loras, tmp_path):
+    # kohya files may omit .alpha; then alpha = rank (scale 1), which the report must say
+    def drop_alpha(t, m):
+        for k in [k for k in t if k.endswith(".alpha")]:
+            del t[k]
+
+    no_alpha = rewrite(loras["kohya"], tmp_path / "no-alpha.safetensors", drop_alpha)
+    lora = read_lora(no_alpha, _known(tiny_folder))
+    assert all(layer.alpha == layer.rank for layer in lora.layers)
+    assert lora.alpha_source == "rank (no alpha in the file)"
+    with_alpha = read_lora(loras["kohya"], _known(tiny_folder))
+    assert [layer.module for layer in lora.layers] == [layer.module for layer in with_alpha.layers]
