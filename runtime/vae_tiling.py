@@ -1,4 +1,5 @@
-"""Tiled VAE decode: latents -> pixels in overlapping latent tiles, blended without seams.
+"""Blended tiled VAE decode (the fallback; exact tiling is vae_segmented.py): latents -> pixels in
+overlapping latent tiles of the whole decoder graph, blended without seams.
 
 This module owns where the tiles go (`plan_tiles`) and how their pixels are combined
 (`decode_tiled`). It does not own the decoder: `decode` is any callable mapping a latent tile
@@ -69,8 +70,9 @@ Why this blend (`decode_tiled`)
     What blending cannot fix: GroupNorm normalises with the tile's own statistics and the mid
     block's attention mixes the whole tile, so a tile decodes differently from the same region
     of the whole image, by an amount set by the decoder and the tile size, not the window.
-    Closing that gap needs a different decoder graph (e.g. one taking whole-image GroupNorm
-    statistics as inputs), which is out of this module's reach.
+    Closing that gap needs a different decoder graph: builds now carry the decoder cut at its
+    GroupNorms, which vae_segmented.py runs exactly; this module remains the fallback for builds
+    without those segments.
 
     What others do, and why the defaults here: diffusers' `AutoencoderKL.enable_tiling` only
     tiles above 64 latents (512 px) with 25% overlap and a linear blend, i.e. it never tiles
