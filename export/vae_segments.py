@@ -178,15 +178,7 @@ def decoder_segments(vae) -> list[Segment]:
 
 def run_untiled(segments: list[Segment], latent_sample: torch.Tensor) -> torch.Tensor:
     """The segments chained on the whole image with exact statistics (a check of the cut)."""
-    maps = {"latent_sample": latent_sample}
-    for s in segments:
-        args = [maps[i] for i in s.inputs]
-        if s.normalised:
-            x = args[0]
-            xg = x.reshape(x.shape[0], s.groups, -1)
-            args += [xg.mean(-1), xg.var(-1, unbiased=False)]
-        maps[s.output] = s.module(*args)
-    return maps["sample"]
+    return _all_maps(segments, latent_sample)[segments[-1].output]
 
 
 def _all_maps(segments: list[Segment], latent_sample: torch.Tensor) -> dict[str, torch.Tensor]:
