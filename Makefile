@@ -38,6 +38,7 @@ BENCH_DIR ?= /tmp/sdc-bench
 bench: venv
 	$(PY) bench/build_fullsize.py --work $(BENCH_DIR) --keep
 	$(PY) bench/run_fullsize.py --work $(BENCH_DIR)
+	$(PY) bench/lora_fullsize.py --work $(BENCH_DIR)
 
 clean:
 	rm -rf artifacts/sdc-tiny-random-* .pytest_cache
