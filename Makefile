@@ -33,7 +33,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # Full-size SD1.5 architecture (random weights): build and run time, peak RSS, sizes, against
-# a bare torch export and diffusers' pipeline. Not a test; ~15 min on 2 cores, ~13 GB in BENCH_DIR.
+# a bare torch export and diffusers' pipeline. Not a test; ~30 min on 2 cores, ~25 GB in BENCH_DIR.
 BENCH_DIR ?= /tmp/sdc-bench
 bench: venv
 	$(PY) bench/build_fullsize.py --work $(BENCH_DIR) --keep
