@@ -41,7 +41,6 @@ with torch.no_grad():
             p.mul_(0.05)
 StableDiffusionPipeline.save_lora_weights(sys.argv[2], unet_lora_layers=get_peft_model_state_dict(unet),
     unet_lora_adapter_metadata=cfg.to_dict(), weight_name="rank32.safetensors")
-print("{}")
 """
 
 SWAP = r"""
