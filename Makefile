@@ -11,7 +11,7 @@ SDC    := $(VENV)/bin/sdc
 STAMP  := $(VENV)/.sdc-installed
 TORCH  := torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench tiny-model clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,13 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# Build the built-in model (CPU target: fp32), show it, and generate an image with the runtime.
+# Build the built-in sdc-tiny (CPU target: fp32), show the build, and draw the prompt it prints.
+DEMO_PROMPT ?= a yellow star on a blue background
 demo: venv
 	$(SDC) build --precision fp32
-	$(SDC) inspect artifacts/sdc-tiny-random-fp32
-	$(SDC) run "a red circle on a blue background" -a artifacts/sdc-tiny-random-fp32 \
-		--steps 20 --seed 0 --out outputs/demo.png
+	$(SDC) inspect artifacts/sdc-tiny-fp32
+	@echo 'prompt: "$(DEMO_PROMPT)"'
+	$(SDC) run "$(DEMO_PROMPT)" -a artifacts/sdc-tiny-fp32 --seed 0 --out outputs/demo.png
 
 test: venv
 	$(PY) -m pytest -q
@@ -39,6 +40,13 @@ bench: venv
 	$(PY) bench/build_fullsize.py --work $(BENCH_DIR) --keep
 	$(PY) bench/run_fullsize.py --work $(BENCH_DIR)
 	$(PY) bench/lora_fullsize.py --work $(BENCH_DIR)
+	$(PY) bench/train_fullsize.py --work $(BENCH_DIR)
+
+# Retrain the built-in sdc-tiny from scratch (~40 min on 2 CPU cores) and evaluate it through the
+# ONNX path; writes export/data/sdc-tiny with its model card.
+tiny-model: venv
+	$(PY) -m sdc.training.train_tiny --out export/data/sdc-tiny
+	$(PY) bench/tiny_eval.py export/data/sdc-tiny --record --grid docs/sdc-tiny-grid.png
 
 clean:
-	rm -rf artifacts/sdc-tiny-random-* .pytest_cache
+	rm -rf artifacts/sdc-tiny-* .pytest_cache

@@ -88,9 +88,11 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
 @click.option("-a", "--artifacts", type=click.Path(path_type=Path), default=None,
               help="Build directory [default: the newest under ./artifacts].")
 @click.option("--negative", default="", help="Negative prompt.")
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True,
-              help="Classifier-free guidance scale; <= 1 skips the unconditional branch.")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps [default: the model's, else 20].")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale; <= 1 skips the unconditional branch "
+                   "[default: the model's (sdc-tiny: 3), else 7.5].")
 @click.option("--seed", type=int, default=None, help="Seed [default: random, printed].")
 @click.option("--width", type=int, default=None, help="Pixels [default: the model's native size].")
 @click.option("--height", type=int, default=None, help="Pixels [default: the model's native size].")
@@ -185,6 +187,11 @@ def verify(artifacts: Path, no_hash: bool) -> None:
 
     for line in run_verify(artifacts, hashes=not no_hash):
         click.echo(line)
+
+
+from .train import add_commands  # noqa: E402  (train-lora, train-embedding)
+
+add_commands(cli)
 
 
 def _cancel_on_signals() -> tuple[threading.Event, dict]:

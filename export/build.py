@@ -376,7 +376,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         out = Path(opts.out) if opts.out else default_out(opts, source.name, opts.loras)
         out = out.absolute()
         _check_out(out)
-        if source.stand_in:
+        if source.builtin:
             log(f"model: {source.name} — {source.note}")
         else:
             log(f"model: {source.name} ({source.kind}, {source.family}) from {source.path}")
@@ -441,10 +441,11 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         "versions": versions,
         "base_model": {
             "name": source.name, "kind": source.kind, "family": source.family,
-            "source": str(source.path) if not source.stand_in else "built-in (generated)",
+            "source": str(source.path) if not source.builtin else "built-in",
             "sha256": source_hash, "a1111_hash": source.a1111_hash(),
-            "stand_in": source.stand_in, "note": source.note,
+            "builtin": source.builtin, "note": source.note,
         },
+        "defaults": source.defaults(),
         "precision": opts.precision,
         "model": {**dims.as_dict(), "prediction_type": scheduler["prediction_type"],
                   "default_size": source.native_size()},

@@ -3,7 +3,8 @@
 Three kinds, all offline:
   diffusers     a diffusers-format SD1.x folder (model_index.json, unet/, vae/, text_encoder/, ...)
   single_file   an A1111/CompVis checkpoint (.safetensors, or .ckpt/.pt unpickled weights-only)
-  builtin-random  no MODEL: the tiny random stand-in for sdc-tiny (see tiny_model.py)
+  builtin       no MODEL: sdc-tiny, the project's own trained tiny SD1 model, shipped in the package
+                (export/data/sdc-tiny, trained by training/train_tiny.py)
 
 The family (SD1.x / SD2.x / SDXL / ...) is detected from metadata before any tensor is loaded: the
 diffusers configs, or the safetensors header (key names and shapes). A model sdc cannot build yet
@@ -23,7 +24,13 @@ from pathlib import Path
 from ..errors import SdcError
 from ..runtime.manifest import sha256_file
 from .specs import ModelDims
-from .tiny_model import SD15_CONFIGS, TINY_NAME, write_tiny_model
+from .tiny_model import SD15_CONFIGS
+
+SDC_TINY = Path(__file__).parent / "data" / "sdc-tiny"
+# Optional file in a model folder: the generation defaults its trainer recommends (sdc-tiny wants
+# guidance 3, not SD's 7.5). Copied into the manifest's `defaults`; `sdc run` flags override them.
+MODEL_DEFAULTS_FILE = "sdc.json"
+DEFAULT_KEYS = {"guidance": float, "steps": int}
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Where each diffusers component lives inside an A1111/CompVis checkpoint.
@@ -160,7 +167,7 @@ def detect_diffusers_family(folder: Path) -> str:
 
 @dataclass
 class ModelSource:
-    kind: str  # diffusers | single_file | builtin-random
+    kind: str  # diffusers | single_file | builtin
     path: Path
     name: str
     family: str
@@ -172,15 +179,36 @@ class ModelSource:
     _hashes: dict | None = field(default=None, repr=False)
 
     @property
-    def stand_in(self) -> bool:
-        return self.kind == "builtin-random"
+    def builtin(self) -> bool:
+        return self.kind == "builtin"
+
+    def defaults(self) -> dict:
+        """Generation defaults from the model folder's sdc.json ({} when it has none)."""
+        f = self.path / MODEL_DEFAULTS_FILE if self.path.is_dir() else None
+        if f is None or not f.is_file():
+            return {}
+        try:
+            raw = json.loads(f.read_text()).get("defaults", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise SdcError(f"{f}: not a JSON object with a 'defaults' object ({e}); fix or delete "
+                           "it") from None
+        out = {}
+        for k, v in raw.items():
+            kind = DEFAULT_KEYS.get(k)
+            if kind is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 \
+                    or (kind is int and v != int(v)):
+                raise SdcError(f"{f}: defaults.{k} = {v!r}; expected positive "
+                               f"{' / '.join(f'{n} ({t.__name__})' for n, t in DEFAULT_KEYS.items())}")
+            out[k] = kind(v)
+        return out
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every weight and config file that defines the model, by relative name."""
         if self._hashes is None:
             named = [(str(f.relative_to(self.path)) if self.path.is_dir() else f.name, f)
                      for f in self.weight_files]
-            configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json"]
+            configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json",
+                                                                   self.config_dir / MODEL_DEFAULTS_FILE]
             named += [(f"config:{f.relative_to(self.config_dir)}", f) for f in configs if f.is_file()]
             self._hashes = {rel: sha256_file(f) for rel, f in named}
         return self._hashes
@@ -335,16 +363,13 @@ def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
     are not the standard SD1.x size (default: the shipped SD1.5 configs).
     """
     if model is None:
-        from .quiet import quiet_torch_stack
-
-        tmp = tempfile.TemporaryDirectory(prefix="sdc-tiny-")
-        with quiet_torch_stack():
-            folder = write_tiny_model(Path(tmp.name) / TINY_NAME)
-        src = ModelSource("builtin-random", folder, TINY_NAME, "sd1", folder,
-                          _diffusers_weight_files(folder), _tmp=tmp,
-                          note="stand-in: tiny SD1 architecture with random weights (seed 0) until "
-                               "the trained sdc-tiny ships; images are noise")
-        return src
+        if not (SDC_TINY / "model_index.json").is_file():
+            raise SdcError(f"the built-in model is missing from {SDC_TINY}; reinstall sdc, or "
+                           "retrain it with `make tiny-model`, or pass MODEL")
+        return ModelSource("builtin", SDC_TINY, "sdc-tiny", "sd1", SDC_TINY,
+                           _diffusers_weight_files(SDC_TINY),
+                           note="the built-in sdc-tiny: 64 px shapes on backgrounds, trained by "
+                                "sdc (training/train_tiny.py); see its model card")
     path = Path(model).expanduser()
     if not path.exists():
         raise SdcError(f"model not found: {path}; expected a diffusers SD1.x folder or a "
@@ -355,7 +380,7 @@ def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
                            "diffusers SD1.x folder or a single-file checkpoint")
         family = detect_diffusers_family(path)
         return ModelSource("diffusers", path.resolve(), path.resolve().name, family, path.resolve(),
-                           _diffusers_weight_files(path))
+                           _diffusers_weight_files(path.resolve()))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise SdcError(f"{path}: unknown model file type '{path.suffix}'; expected .safetensors or "
                        ".ckpt (or a diffusers folder)")

@@ -1,12 +1,9 @@
-"""The stand-in for the built-in `sdc-tiny`: a tiny SD1-architecture model with *random* weights.
+"""Tiny SD1-architecture models with *random* weights, for tests (and the SD1.5 configs' home).
 
-Until the trained `sdc-tiny` ships (its own issue), `sdc build` with no MODEL builds this, and says
-so everywhere (source kind `builtin-random`, name `sdc-tiny-random`): it exercises every stage of
-the real architecture (CLIP text encoder, cross-attention UNet, KL VAE with SD's 8x factor) but
-its images are noise. Weights come from a fixed seed, so the folder (and so the build key) is the
-same on every machine and rebuilds hit the cache.
-
-Tests build their tiny models with the same function.
+They exercise every stage of the real architecture (CLIP text encoder, cross-attention UNet, KL
+VAE with SD's 8x factor) in seconds; their images are noise. Weights come from a fixed seed, so the
+folder (and so the build key) is the same on every machine. The built-in model `sdc build` uses
+with no MODEL is the *trained* sdc-tiny (export/data/sdc-tiny, training/train_tiny.py).
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import shutil
 from pathlib import Path
 
 SD15_CONFIGS = Path(__file__).parent / "data" / "sd15"
-TINY_NAME = "sdc-tiny-random"
 
 
 def tiny_configs(cross_attention_dim: int = 32) -> dict:

@@ -30,12 +30,17 @@ class Embedding:
     format: str
 
     def tokens(self) -> list[str]:
-        return [self.token] + [f"{self.token}_{i}" for i in range(1, len(self.vectors))]
+        return token_names(self.token, len(self.vectors))
 
     def report(self) -> dict:
         return {"file": str(self.path), "sha256": self.sha256, "token": self.token,
                 "tokens": self.tokens(), "vectors": int(len(self.vectors)),
                 "dim": int(self.vectors.shape[1]), "format": self.format}
+
+
+def token_names(token: str, n: int) -> list[str]:
+    """A1111's and diffusers' names for an n-vector embedding: TOKEN, TOKEN_1, ... TOKEN_{n-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
 def parse_embedding_arg(text: str) -> tuple[Path, str | None]:

@@ -16,12 +16,14 @@ def describe(manifest: dict) -> str:
     m = manifest["model"]
     lines = [
         f"model      {base['name']} ({base['kind']}, {base['family']})"
-        + ("  [STAND-IN: random weights]" if base.get("stand_in") else ""),
+        + ("  [built-in]" if base.get("builtin") else ""),
         f"precision  {manifest['precision']}   build key {manifest['build_key'][:12]}   "
         f"sdc {manifest['versions']['sdc']}, torch {manifest['versions']['torch']}",
         f"latents    {m['latent_channels']} ch, 1/{m['vae_scale_factor']} of pixels, sizes multiple of "
         f"{m['unet_multiple']}; scaling {m['scaling_factor']}; {m['prediction_type']}",
         f"pipeline   {' -> '.join(manifest['pipeline'])}   scheduler {manifest['scheduler']['class']}",
+        *([f"defaults   " + ", ".join(f"{k} {v}" for k, v in manifest["defaults"].items())
+           + " (the model's own; sdc run flags override)"] if manifest.get("defaults") else []),
         "graphs:",
     ]
     for stage, g in manifest["graphs"].items():

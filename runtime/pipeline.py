@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,8 +37,9 @@ class GenerateOptions:
     prompt: str
     artifacts: Path | None = None  # None: the most recent build under ./artifacts
     negative: str = ""
-    steps: int = 20
-    guidance: float = 7.5  # classifier-free guidance; <= 1 runs the UNet on the prompt only
+    steps: int | None = None  # None: the model's default (manifest `defaults`), else 20
+    guidance: float | None = None  # classifier-free guidance; <= 1 runs the UNet on the prompt
+    # only; None: the model's default (sdc-tiny: 3), else SD's 7.5
     seed: int | None = None  # None: a random seed, reported in the result
     width: int | None = None  # pixels; None: the model's native size (512 for SD1.x)
     height: int | None = None
@@ -115,6 +116,16 @@ def _load_init_image(value, width: int | None, height: int | None, multiple: int
     return x.transpose(2, 0, 1)[None], w, h
 
 
+FALLBACK_DEFAULTS = {"steps": 20, "guidance": 7.5}  # SD1.x's usual values
+
+
+def with_model_defaults(opts: GenerateOptions, manifest: dict) -> GenerateOptions:
+    """Fill steps / guidance left unset from the build's model defaults, else SD1.x's."""
+    own = manifest.get("defaults") or {}
+    unset = {k: own.get(k, v) for k, v in FALLBACK_DEFAULTS.items() if getattr(opts, k) is None}
+    return replace(opts, **unset) if unset else opts
+
+
 def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
     from .schedulers import SCHEDULERS
 
@@ -174,6 +185,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     progress = progress or (lambda stage, i, n: None)
     folder = resolve_artifacts(opts.artifacts)
     manifest = load_manifest(folder)
+    opts = with_model_defaults(opts, manifest)
     width, height, sched_name = _validate(opts, manifest)
     problems = verify_files(folder, manifest, hashes=opts.verify)
     if problems:

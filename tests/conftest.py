@@ -68,3 +68,13 @@ def assert_cli_torch_free(argv: list[str]) -> None:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def builtin_build(tmp_path_factory) -> Path:
+    """`sdc build` with no MODEL (the shipped sdc-tiny), fp32, in a scratch working directory."""
+    cwd = tmp_path_factory.mktemp("builtin")
+    proc = run_sdc("build", "--precision", "fp32", cwd=cwd)
+    out = cwd / "artifacts" / "sdc-tiny-fp32"
+    assert proc.stdout.strip() == str(out), proc.stdout
+    return out

@@ -42,7 +42,7 @@ def test_layout_and_manifest(build_fp32):
     assert len(m["build_key"]) == 64
     assert m["precision"] == "fp32"
     assert m["base_model"]["kind"] == "diffusers" and m["base_model"]["family"] == "sd1"
-    assert m["base_model"]["stand_in"] is False
+    assert m["base_model"]["builtin"] is False and m["defaults"] == {}
     assert m["pipeline"] == ["text_encoder", "unet", "vae_decoder"]
     assert m["model"]["latent_channels"] == 4 and m["model"]["vae_scale_factor"] == 8
     assert m["model"]["scaling_factor"] == pytest.approx(0.18215)

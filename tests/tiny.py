@@ -1,6 +1,7 @@
 """Tiny SD1 models for tests: the real diffusers/transformers classes at tiny size.
 
-Seed 1, so the test model differs from the built-in stand-in (seed 0): a test can tell them apart.
+Random weights (seed 1): fast and deterministic; tests that need meaningful images use the trained
+built-in sdc-tiny instead (test_builtin_default.py).
 """
 
 from __future__ import annotations

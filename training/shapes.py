@@ -45,10 +45,16 @@ STAR_INNER = 0.45  # inner/outer radius; thicker than a regular pentagram (0.38)
 CROSS_HALF_WIDTH = 1 / 3  # arm half-width / arm half-length: the arms stay several pixels wide
 RING_INNER = 0.55  # hole radius / outer radius: a hole of >= 6 px across at the smallest size
 
-# Shape size is the diameter of its circumscribed circle as a fraction of the image side: 35 % keeps
-# a triangle's side at ~19 px at 64x64, 70 % leaves room to move it around.
-SIZE_RANGE = (0.35, 0.70)
+# Shape size is the diameter of its circumscribed circle as a fraction of the image side. From 45 %
+# up, a star's points and a cross's arms stay >= 2-3 latent pixels wide at sdc-tiny's 16 x 16
+# latents (at 35 % they were ~1, and the first trained models drew them as blobs: star and cross
+# 12.5 % correct); 75 % still leaves room to move the shape around.
+SIZE_RANGE = (0.45, 0.75)
 MARGIN = 0.04  # kept clear between the shape and the image edge, so the border shows only background
+# Shapes stand upright, turned by at most this many degrees either way. Free rotation made every
+# shape word mean a spread of orientations whose average is a blob, and a model this small drew the
+# blob: triangles and stars came out rounded (shape 48 %, ONNX path, first CPU-trained model).
+ROTATION_JITTER = 10.0
 STRIPE_PERIOD_RANGE = (0.12, 0.25)  # one light + one dark stripe, as a fraction of the image side
 SUPERSAMPLE = 4  # drawn at 4x and box-filtered down: exact area anti-aliasing
 
@@ -102,7 +108,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(
         shape=shape, colour=colour, background=background, background_style=style,
         cx=float(rng.uniform(lo, hi)), cy=float(rng.uniform(lo, hi)), size=size,
-        rotation=float(rng.uniform(0, 360)),
+        rotation=float(rng.uniform(-ROTATION_JITTER, ROTATION_JITTER)),
         pattern_angle=float(rng.uniform(0, 180)),
         stripe_period=float(rng.uniform(*STRIPE_PERIOD_RANGE)) if style == "striped" else 0.0,
     )

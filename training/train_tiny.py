@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..export.tiny_model import SD15_CONFIGS
+from ..export.memory import process_peak_rss_bytes
+from .model_card import DEFAULTS, TRAINING, write_card
 from .shapes import all_prompts, caption, make_dataset
 from .tiny_tokenizer import derive as derive_tokenizer
 
@@ -43,7 +45,7 @@ RES = 64
 CONFIG = {
     "seed": 0,
     "images": 16000,
-    "vae_steps": 2400,
+    "vae_steps": 2000,  # the loss flattens by ~2000 (0.0621 at 2000, 0.0607 at 2400)
     "vae_batch": 16,
     "vae_lr": 1e-3,
     "unet_steps": 3200,
@@ -239,7 +241,12 @@ def train(out: Path, cfg: dict, device: str = "cpu", log=print) -> dict:
         "vocab_size": len(vocab), "scaling_factor": vae.config.scaling_factor,
         "example_captions": [caption(s) for s in data.scenes[:5]],
     }
-    (work / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["machine"] = f"{device}, {torch.get_num_threads()} threads"
+    summary["peak_rss_gib"] = round(process_peak_rss_bytes() / 2**30, 2)
+    (work / TRAINING).write_text(json.dumps(summary, indent=1) + "\n")
+    (work / DEFAULTS).write_text(json.dumps({"name": "sdc-tiny", "defaults": {
+        "guidance": GUIDANCE, "steps": 20}}, indent=1) + "\n")
+    write_card(work)
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)

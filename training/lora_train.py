@@ -1,0 +1,232 @@
+"""`sdc train-lora`: a LoRA for an SD1.x base, trained the small-VRAM way, written as a diffusers/peft
+`.safetensors` that both `sdc build --lora` and diffusers' `load_lora_weights` read.
+
+Recipe (the seeds' 4 GB recipe, config.py holds the defaults): LoRA on the UNet's attention
+projections only (options: + ResNet convs, + text encoder), Adafactor, gradient checkpointing,
+mixed precision on CUDA (fp32 on CPU), latents and text-encoder states cached on disk so neither
+the VAE nor the text encoder is in memory while the UNet trains, batch + gradient accumulation,
+constant or cosine learning rate with warmup, seeded (see common.py for determinism).
+
+Metadata in the file (read back by `sdc inspect` and recorded in build manifests): diffusers'
+`lora_adapter_metadata` (rank, alpha, targets per component) plus `sdc.trigger`, `sdc.base_model`,
+`sdc.base_model_sha256`, `sdc.rank`, `sdc.alpha`, `sdc.target_modules`, `sdc.steps`,
+`sdc.resolution`, `sdc.version`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import SdcError
+from ..export.quiet import quiet_torch_stack
+from ..export.sources import resolve_model
+from . import common
+from .config import LoraConfig
+
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_CONV = ["conv1", "conv2"]
+TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _strip_trigger(text: str, trigger: str) -> str:
+    """The validation prompt without its trigger phrase: what the LoRA should leave alone."""
+    import re
+
+    out = " ".join(re.sub(re.escape(trigger), " ", text, flags=re.IGNORECASE).split())
+    return out or "a picture"
+
+
+def _trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_out(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise SdcError(f"--out {out}: folder {out.parent} does not exist; create it first")
+
+
+def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], None] = print,
+               progress: Callable[[int, int, float], None] | None = None) -> dict:
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig as PeftConfig
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    _check_out(out)
+    progress = progress or (lambda step, total, loss: None)
+    from .data import check_trigger, read_folder
+
+    check_trigger(read_folder(Path(cfg.data), cfg.instance_prompt), cfg.trigger)
+    source = resolve_model(cfg.model)
+    base_hash = source.content_hash()
+    if resume:  # a wrong checkpoint fails before minutes of loading and encoding
+        common.check_checkpoint(Path(resume), {"base_model_sha256": base_hash, "kind": "lora"})
+    torch.manual_seed(cfg.seed)  # peft's initialisation of lora_A
+    with quiet_torch_stack():
+        prep = common.prepare(cfg, source, lambda c: c, cache_text=not cfg.train_text_encoder,
+                              log=log)
+        unet = source.load("unet", "fp32").to(prep.device, prep.precision.weights)
+        text_encoder = tokenizer = None
+        if cfg.train_text_encoder:
+            text_encoder = source.load("text_encoder").to(prep.device, prep.precision.weights)
+            tokenizer = common.load_tokenizer(source)
+    alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+    targets = UNET_ATTN + (UNET_CONV if cfg.targets == "attn+conv" else [])
+    unet.requires_grad_(False)
+    unet.add_adapter(PeftConfig(r=cfg.rank, lora_alpha=alpha, target_modules=targets,
+                                init_lora_weights="gaussian"))
+    models = [unet]
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+        text_encoder.add_adapter(PeftConfig(r=cfg.rank, lora_alpha=alpha, target_modules=TEXT_ATTN,
+                                            init_lora_weights="gaussian"))
+        models.append(text_encoder)
+    cast_training_params(models, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            # non-reentrant: with reentrant checkpointing, frozen inputs would cut the LoRA's grads
+            text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in models:
+        m.train()
+    named = {f"unet.{k}": p for k, p in _trainable(unet).items()}
+    if text_encoder is not None:
+        named.update({f"text_encoder.{k}": p for k, p in _trainable(text_encoder).items()})
+    params = list(named.values())
+    opt = common.make_optimizer(cfg, params)
+    scaler = torch.amp.GradScaler("cuda") if prep.precision.loss_scaling else None
+    ids_all = common.tokenize(tokenizer, prep.captions) if text_encoder is not None else None
+
+    must_match = {"base_model_sha256": base_hash, "kind": "lora", "rank": cfg.rank,
+                  "alpha": alpha, "targets": cfg.targets, "train_text_encoder":
+                  cfg.train_text_encoder, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                  "grad_accum": cfg.grad_accum, "resolution": prep.resolution,
+                  "optimizer": cfg.optimizer}
+    start = 0
+    if resume:
+        start, tensors, opt_state = common.load_checkpoint(Path(resume), must_match, cfg.steps)
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(tensors[k])
+        opt.load_state_dict(opt_state)
+        log(f"resumed from {resume} at step {start}")
+    ckpt_dir = Path(str(out) + ".checkpoints")
+    samples_dir = out.with_suffix(".samples")
+    trigger_prompt = next((c for c in prep.captions if cfg.trigger.lower() in c.lower()),
+                          prep.captions[0])
+    prompts = [trigger_prompt, _strip_trigger(trigger_prompt, cfg.trigger)]
+    guidance = common.default_guidance(source, cfg)
+
+    def validate(step: int, path: Path) -> None:
+        te = text_encoder if text_encoder is not None else source.load("text_encoder").to(
+            prep.device)
+        tok = tokenizer or common.load_tokenizer(source)
+        with quiet_torch_stack():
+            imgs = common.sample_images(source, unet, te, tok, prompts, [0, 1],
+                                        cfg.validation_steps, guidance, prep.resolution,
+                                        prep.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.grid(imgs, 2).save(path)
+        log(f"step {step}: samples (rows: {prompts[0]!r}, {prompts[1]!r}) -> {path}")
+
+    losses = []
+    t_train = time.perf_counter()
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(cfg, step)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            g = common.step_generator(cfg.seed, step, micro)
+            idx, x0, t, eps = common.draw(prep, cfg.batch_size, g)
+            if text_encoder is None:
+                cond = torch.from_numpy(prep.text[idx.numpy()]).to(prep.device)
+            else:
+                cond = text_encoder(ids_all[idx].to(prep.device)).last_hidden_state
+            loss = common.diffusion_loss(unet, prep, x0, t, eps, cond) / cfg.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += float(loss.detach())
+        if scaler:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        done = step + 1
+        progress(done, cfg.steps, float(np.mean(losses[-20:])))
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            ckpt_dir.mkdir(exist_ok=True)
+            common.save_checkpoint(ckpt_dir, done, named, opt,
+                                   {**must_match, "base_model": source.name})
+        if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
+            validate(done, samples_dir / f"step-{done:06d}.png")
+    train_s = time.perf_counter() - t_train
+
+    metadata = {
+        "sdc.kind": "lora", "sdc.trigger": cfg.trigger.strip(), "sdc.base_model": source.name,
+        "sdc.base_model_sha256": base_hash, "sdc.rank": str(cfg.rank), "sdc.alpha": f"{alpha:g}",
+        "sdc.target_modules": ",".join(targets + (TEXT_ATTN if text_encoder is not None else [])),
+        "sdc.steps": str(cfg.steps), "sdc.resolution": str(prep.resolution),
+        "sdc.version": __version__,
+    }
+    common.atomic_write(out, lambda tmp: _write_lora(tmp, unet, text_encoder, metadata))
+    grid_path = out.with_suffix(".samples.png")
+    if cfg.samples:
+        validate(cfg.steps, grid_path)
+    if cfg.checkpoint_every:
+        ckpt_dir.mkdir(exist_ok=True)
+        common.save_checkpoint(ckpt_dir, cfg.steps, named, opt,
+                               {**must_match, "base_model": source.name})
+    from ..export.memory import process_peak_rss_bytes
+
+    result = {"out": str(out), "samples": str(grid_path) if cfg.samples else None,
+              "steps": cfg.steps,
+              "resumed_from": start, "loss_first": round(float(np.mean(losses[:20])), 5)
+              if losses else None, "loss_final": round(float(np.mean(losses[-20:])), 5)
+              if losses else None, "train_seconds": round(train_s, 1),
+              "seconds": round(time.perf_counter() - t_start, 1),
+              "peak_rss_gib": round(process_peak_rss_bytes() / 2**30, 2),
+              "latents_encoded": prep.cache.encoded["latents"],
+              "latents_cached": prep.cache.reused["latents"], "precision": prep.precision.name,
+              "device": str(prep.device), "trainable_params": sum(p.numel() for p in params)}
+    if prep.device.type == "cuda":
+        result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    log(json.dumps(result))
+    return result
+
+
+def _write_lora(path: Path, unet, text_encoder, metadata: dict) -> None:
+    """diffusers' own writer (it stores lora_alpha in `lora_adapter_metadata`, FACTS.md), then
+    sdc's keys added to the same header."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, quiet_torch_stack():
+        kwargs = {}
+        if text_encoder is not None:
+            kwargs = {"text_encoder_lora_layers": get_peft_model_state_dict(text_encoder),
+                      "text_encoder_lora_adapter_metadata":
+                          text_encoder.peft_config["default"].to_dict()}
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            weight_name="lora.safetensors", **kwargs)
+        with safe_open(str(Path(tmp) / "lora.safetensors"), "pt") as f:
+            meta = {**(f.metadata() or {}), **metadata}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
