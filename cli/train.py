@@ -81,21 +81,30 @@ def _run(kind: str, model, config_file, print_config, resume, flags: dict) -> No
             from ..training.lora_train import train_lora as train
         else:
             from ..training.embedding_train import train_embedding as train
-        with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), "loss {task.fields[loss]:.4f}", TimeRemainingColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("training", total=cfg.steps, loss=float("nan"))
+        # the bar starts with the first step, so errors before training print one clean line
+        bar = Progress("[progress.description]{task.description}", BarColumn(),
+                       MofNCompleteColumn(), "loss {task.fields[loss]:.4f}", TimeRemainingColumn(),
+                       console=console, transient=True)
+        task = None
 
-            def progress(step, total, loss):
-                bar.update(task, completed=step, loss=loss)
+        def progress(step, total, loss):
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("training", total=total, loss=loss)
+            bar.update(task, completed=step, loss=loss)
 
-            def relay(msg):
-                for w in caught:
-                    console.print(f"warning: {w.message}", markup=False)
-                caught.clear()
-                log(msg)
+        def relay(msg):
+            for w in caught:
+                console.print(f"warning: {w.message}", markup=False)
+            caught.clear()
+            log(msg)
 
+        try:
             result = train(cfg, resume=resume, log=relay, progress=progress)
+        finally:
+            if task is not None:
+                bar.stop()
         for w in caught:
             console.print(f"warning: {w.message}", markup=False)
     click.echo(result["out"])

@@ -59,14 +59,14 @@ def read_folder(folder: Path, instance_prompt: str | None = None) -> list[Sample
                        "captions (or --instance-prompt)")
     files = sorted(p for p in folder.iterdir() if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        raise SdcError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found; add "
-                       "training images, each with a same-named .txt caption")
     stems = {p.stem for p in images}
     orphans = [p.name for p in files if p.suffix == CAPTION_SUFFIX and p.stem not in stems]
     if orphans:
         raise SdcError(f"--data {folder}: caption {orphans[0]} has no image of the same name "
                        f"({len(orphans)} such caption(s)); add the image or remove the caption")
+    if not images:
+        raise SdcError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found; add "
+                       "training images, each with a same-named .txt caption")
     samples = []
     for img in images:
         try:

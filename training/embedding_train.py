@@ -91,7 +91,6 @@ def train_embedding(cfg: EmbeddingConfig, resume: str | None = None,
     def caption_of(c: str) -> str:
         return c.replace(cfg.token, expanded)
 
-    torch.manual_seed(cfg.seed)
     with quiet_torch_stack():
         prep = common.prepare(cfg, source, caption_of, cache_text=False, log=log)
         unet = source.load("unet").to(prep.device, prep.precision.weights)

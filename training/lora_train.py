@@ -68,7 +68,6 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
     base_hash = source.content_hash()
     if resume:  # a wrong checkpoint fails before minutes of loading and encoding
         common.check_checkpoint(Path(resume), {"base_model_sha256": base_hash, "kind": "lora"})
-    torch.manual_seed(cfg.seed)  # peft's initialisation of lora_A
     with quiet_torch_stack():
         prep = common.prepare(cfg, source, lambda c: c, cache_text=not cfg.train_text_encoder,
                               log=log)
@@ -80,6 +79,9 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
     targets = UNET_ATTN + (UNET_CONV if cfg.targets == "attn+conv" else [])
     unet.requires_grad_(False)
+    # peft's initialisation of lora_A draws from the global generator: seed it right here, since
+    # loading models (or not, when everything is cached) may draw from it before
+    torch.manual_seed(cfg.seed)
     unet.add_adapter(PeftConfig(r=cfg.rank, lora_alpha=alpha, target_modules=targets,
                                 init_lora_weights="gaussian"))
     models = [unet]
