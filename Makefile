@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 # Build the built-in sdc-tiny (CPU target: fp32), show the build, and draw the prompt it prints.
-DEMO_PROMPT ?= a yellow star on a blue background
+DEMO_PROMPT ?= a red circle on a blue background
 demo: venv
 	$(SDC) build --precision fp32
 	$(SDC) inspect artifacts/sdc-tiny-fp32
