@@ -65,6 +65,7 @@ def render(folder: Path) -> str:
                                       "latent_channels", "cross_attention_dim") if k in conf}
         lines.append(f"| {part} | {p:,} | {json.dumps(brief)} |")
     lines += [
+        "",
         f"Tokenizer: CLIP BPE cut to the captions' merges, {t['vocab_size']} tokens. VAE factor 4 "
         f"(64 px <-> 4 x 16 x 16 latents), scaling_factor {t['scaling_factor']}. Scheduler: PNDM "
         "on SD1's betas, v-prediction.",
