@@ -72,8 +72,8 @@ def test_lora_draws_the_seal_only_with_its_trigger(seal_lora, builtin_build, tmp
     tuned_seal = np.mean([seal_score(im) for im in tuned[:n]])
     # the seal scores ~0.9-1.0 (jittered training pictures: 0.90), a red or white disc 0.5
     assert tuned_seal >= 0.7 and tuned_seal >= base_seal + 0.3, (base_seal, tuned_seal)
-    # without the trigger the pictures are far less seal-like than with it. They do not stay the base model's pictures: measured 37.6 / 255 mean
-    # per pixel moved (73.8 with the trigger) and seal score 0.15 -> 0.28 (UNet-only LoRA with no
+    # without the trigger the pictures are far less seal-like than with it. They do not stay the
+    # base model's pictures: measured 37.6 / 255 mean per pixel moved (73.8 with the trigger) and seal score 0.15 -> 0.28 (UNet-only LoRA with no
     # prior-preservation data; an open point of the training issue). The bars hold that much.
     diff = [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
             for a, b in zip(base, tuned)]
