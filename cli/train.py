@@ -16,6 +16,9 @@ COMMON = [
                  help="Folder of images, each with a same-named .txt caption."),
     click.option("--instance-prompt", default=None, help="One caption for every image instead."),
     click.option("--out", type=click.Path(), default=None, help="Output .safetensors file."),
+    click.option("--reg-data", type=click.Path(), default=None,
+                 help="Prior preservation: captioned pictures without the trigger, trained "
+                      "alongside so prompts without it stay the base model's."),
     click.option("--steps", type=int, default=None, help="Optimizer steps [500]."),
     click.option("--lr", type=float, default=None, help="Learning rate."),
     click.option("--optimizer", default=None, help="adafactor | adamw | adamw8bit."),

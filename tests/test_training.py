@@ -33,13 +33,29 @@ def seal_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def seal_lora(seal_data):
+def reg_data(tmp_path_factory):
+    """Prior-preservation pictures: sdc-tiny's own kind of picture with its captions (no trigger)."""
+    from sdc.training.shapes import make_dataset
+
+    folder = tmp_path_factory.mktemp("reg") / "data"
+    folder.mkdir()
+    d = make_dataset(24, seed=7)
+    for i, (img, cap) in enumerate(zip(d.images, d.captions)):
+        Image.fromarray(img).save(folder / f"r{i:03d}.png")
+        (folder / f"r{i:03d}.txt").write_text(cap)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def seal_lora(seal_data, reg_data):
     """The LoRA, trained through the real CLI with the default recipe's optimizer (Adafactor);
     a higher learning rate and batch than the 4 GB defaults, so it learns in a test's time
-    (seal score measured 0.69 at 300 steps, 0.78 at 600; + ResNet convs 0.55 at 300)."""
+    (seal score measured 0.69 at 300 steps, 0.78 at 600; + ResNet convs 0.55 at 300), and with
+    prior-preservation pictures (--reg-data) so prompts without the trigger keep their meaning."""
     out = seal_data.parent / "seal.safetensors"
     proc = run_sdc("train-lora", "--data", seal_data, "--trigger", TRIGGER, "--out", out,
                    "--steps", LORA_STEPS, "--rank", 8, "--lr", 2e-3, "--batch-size", 8,
+                   "--reg-data", reg_data,
                    "--no-gradient-checkpointing", "--validation-steps", 10)
     assert proc.stdout.strip() == str(out)
     return out
@@ -72,9 +88,10 @@ def test_lora_draws_the_seal_only_with_its_trigger(seal_lora, builtin_build, tmp
     tuned_seal = np.mean([seal_score(im) for im in tuned[:n]])
     # the seal scores ~0.9-1.0 (jittered training pictures: 0.90), a red or white disc 0.5
     assert tuned_seal >= 0.7 and tuned_seal >= base_seal + 0.3, (base_seal, tuned_seal)
-    # without the trigger the pictures are far less seal-like than with it. They do not stay the
-    # base model's pictures: measured 37.6 / 255 mean per pixel moved (73.8 with the trigger) and seal score 0.15 -> 0.28 (UNet-only LoRA with no
-    # prior-preservation data; an open point of the training issue). The bars hold that much.
+    # without the trigger: no more seal than the base model shows, pictures moved much less than
+    # with it, and still of the prompted colour. Measured with --reg-data: seal 0.151 -> 0.149,
+    # moved 25.1 / 255 against 64.3 with the trigger, colour 4 / 4. Without prior preservation
+    # the same LoRA gave seal 0.15 -> 0.28, moved 37.6 against 73.8, colour 2 / 4.
     diff = [np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
             for a, b in zip(base, tuned)]
     with_trigger, without = np.mean(diff[:n]), np.mean(diff[n:])
@@ -83,10 +100,14 @@ def test_lora_draws_the_seal_only_with_its_trigger(seal_lora, builtin_build, tmp
     print(json.dumps({"seal_base": base_seal, "seal_tuned": tuned_seal,  # shown by pytest -rP
                       "plain_seal_base_tuned": plain_seal,
                       "moved_with_trigger": with_trigger, "moved_without": without}))
-    assert plain_seal[1] <= tuned_seal - 0.3, (plain_seal, tuned_seal)
-    assert without < with_trigger, (with_trigger, without)
-    # Not asserted: the colour the plain prompts ask for survives in 2 of these 4 (base: see
-    # test_builtin_default), the same open point as above.
+    assert plain_seal[1] <= plain_seal[0] + 0.1, plain_seal
+    assert without <= 0.5 * with_trigger, (with_trigger, without)
+    from sdc.training.shape_score import score
+
+    colours = [score(im, {"shape": p.split()[2], "colour": p.split()[1],
+                          "background": p.split()[-2]})["colour"]
+               for im, (p, _) in zip(tuned[n:], PLAIN_PROMPTS)]
+    assert sum(colours) >= 3, colours
 
 
 def test_lora_file_metadata_and_diffusers_reads_it(seal_lora):

@@ -93,6 +93,8 @@ def prepare(cfg: CommonConfig, source: ModelSource, caption_of: Callable[[str], 
     from diffusers import DDPMScheduler
 
     samples = read_folder(Path(cfg.data), cfg.instance_prompt)
+    if cfg.reg_data:
+        samples += read_folder(Path(cfg.reg_data))
     device = pick_device(cfg.device)
     prec = pick_precision(cfg, device)
     dims = source.dims()

@@ -27,6 +27,8 @@ class CommonConfig:
     data: str | None = None
     out: str | None = None
     instance_prompt: str | None = None
+    reg_data: str | None = None  # prior preservation: pictures + captions without the trigger,
+    # trained alongside so that prompts without it keep the base model's behaviour
     steps: int = 500
     lr: float = 1e-4
     optimizer: str = "adafactor"
