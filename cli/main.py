@@ -52,7 +52,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Textual-inversion embedding to add (repeatable); TOKEN defaults to its name.")
 @click.pass_obj
-def build(obj, model, precision, out, force, config, stages, loras, from_dir, embeddings) -> None:
+@click.option("--unet-chunks", type=int, default=1, show_default=True, metavar="N",
+              help="Also cut the UNet into N sub-graphs by weight size, so `sdc run "
+                   "--vram-budget` can run it below its weights' size, one chunk at a time.")
+def build(obj, model, precision, out, force, config, stages, loras, from_dir, embeddings,
+          unet_chunks) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
     from ..fusion.embeddings import parse_embedding_arg
     from ..fusion.fuse import parse_lora_arg
@@ -65,9 +69,9 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
             status.update(f"building… {msg.split(']')[0].lstrip('[')}", )
 
         if from_dir is not None:
-            if model is not None or embeddings:
+            if model is not None or embeddings or unet_chunks > 1:
                 raise SdcError(f"--from {from_dir} re-fuses LoRAs into an existing build: give no "
-                               "MODEL and no --embedding (embeddings are added at a full build)")
+                               "MODEL, --embedding or --unet-chunks (those are set at a full build)")
             from ..fusion.refuse import refuse
 
             out_dir, _, _ = refuse(from_dir, list(specs), out, force=force, log=log)
@@ -76,6 +80,7 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
         from ..export.build import BuildOptions, build as run_build
 
         opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
+                            unet_chunks=unet_chunks,
                             stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                             cancel=obj.get("cancel"), loras=specs,
                             embeddings=tuple(parse_embedding_arg(e) for e in embeddings))

@@ -52,6 +52,7 @@ class BuildOptions:
     cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
     loras: tuple = ()  # fusion.fuse.LoraSpec: adapters fused into the weights before export
     embeddings: tuple = ()  # (path, token or None): textual-inversion tokens added at build
+    unet_chunks: int = 0  # >= 2: also cut the UNet into this many sub-graphs (export/unet_chunks.py)
 
 
 def _check_cancel(opts: BuildOptions) -> None:
@@ -89,6 +90,8 @@ def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list 
                "loras": [[lo["sha256"], lo["weight"], lo["blocks"]] for lo in loras or []],
                "embeddings": [[e["sha256"], e["token"]] for e in embeddings or []],
                "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}
+    if opts.unet_chunks:  # only when asked, so the keys of builds without chunks stay as they were
+        payload["unet_chunks"] = opts.unet_chunks
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,7 +139,7 @@ def _clean_stale_tmp(parent: Path) -> None:
 
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
-                     tmp: Path, log: Callable[[str], None], fusion=None) -> dict:
+                     tmp: Path, log: Callable[[str], None], fusion=None, unet_chunks: int = 0) -> dict:
     import torch
 
     from .exporter import export_graph, wrap
@@ -173,6 +176,13 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         results[stage] = {"graph_precision": graph_precision, **facts}
         if stage == "vae_decoder":
             results[stage]["tiled"] = _export_tiled_decoder(module, spec, dims, tmp / stage, log)
+        if stage == "unet" and unet_chunks:
+            from .unet_chunks import split_graph
+
+            parts = split_graph(tmp / stage / "model.onnx", unet_chunks, tmp / stage)
+            results[stage]["chunks"] = {"parts": parts}
+            log(f"[unet] cut into {len(parts)} chunks of " + ", ".join(
+                f"{p['weight_bytes'] / 2**20:.0f}" for p in parts) + " MiB of weights")
     # Free the torch weights before ORT loads the graphs: the two never coexist in memory.
     del module
     gc.collect()
@@ -184,6 +194,9 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         results[stage].update(parity=report, memory=memory)
         if results[stage].get("tiled"):
             _check_tiled_decoder(results[stage]["tiled"], spec, dims, feeds, refs, tmp / stage, log)
+        if results[stage].get("chunks"):
+            _check_chunks(results[stage]["chunks"], spec, graph_precision, feeds, refs,
+                          tmp / stage, log)
     return results
 
 
@@ -224,6 +237,19 @@ def _check_tiled_decoder(tiled: dict, spec, dims: ModelDims, feeds: dict, refs: 
         f"{spec.fp32_max_rel} at {tile}-latent tiles: passed")
 
 
+def _check_chunks(chunks: dict, spec, graph_precision: str, feeds: dict, refs: dict,
+                  stage_dir: Path, log) -> None:
+    from .parity import check_unet_chunks
+
+    chunks["parity"] = report = check_unet_chunks(stage_dir, chunks["parts"], spec,
+                                                  graph_precision, feeds, refs)
+    worst = max(c["max_rel"] for c in report["chunks"])
+    op = "<=" if report["metric"] == "max_rel" else ">="
+    log(f"[unet] chunk parity max_rel {worst:.3g} <= {report['chunks'][0]['threshold']} against "
+        f"the whole graph; chained {report['metric']} {report['value']:.3g} {op} "
+        f"{report['threshold']}: passed")
+
+
 def _load(source, component: str, dtype: str):
     """The component's torch module; a failure inside diffusers/transformers becomes one line."""
     from .quiet import quiet_torch_stack
@@ -245,6 +271,7 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
 
     spec = GRAPH_SPECS[stage]
     tiled_prefix = f"{stage}/{TILED_DIR}/"
+    chunk_files = {f"{stage}/{p['file']}" for p in result.get("chunks", {}).get("parts", [])}
     proto = onnx.load(str(tmp / stage / "model.onnx"), load_external_data=False)
     declared = {i.name: numpy_dtype(i.type.tensor_type.elem_type)
                 for i in list(proto.graph.input) + list(proto.graph.output)}
@@ -262,8 +289,8 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
               if spec.fp16_policy == "fp32" else "fp16 build")
     return {
         "description": spec.description,
-        "files": sorted(rel for rel in files
-                        if rel.startswith(f"{stage}/") and not rel.startswith(tiled_prefix)),
+        "files": sorted(rel for rel in files if rel.startswith(f"{stage}/")
+                        and not rel.startswith(tiled_prefix) and rel not in chunk_files),
         "opset": OPSET,
         "precision": precision,
         "precision_reason": reason,
@@ -272,8 +299,13 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
         "parity": result["parity"],
         "memory": result["memory"],
         "weights": result["weights"],
+        "attention": "fused MultiHeadAttention" if spec.fused_attention else "MatMul-Softmax-MatMul",
         **({"tiled": _tiled_entry(result["tiled"], tiled_prefix, files)}
            if result.get("tiled") else {}),
+        **({"chunks": {
+            "description": "the UNet cut into sequential sub-graphs sharing model.onnx_data; "
+                           "the runtime streams them under a memory budget (export/unet_chunks.py)",
+            "files": sorted(chunk_files), **result["chunks"]}} if result.get("chunks") else {}),
     }
 
 
@@ -368,6 +400,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     unknown = [s for s in opts.stages if s not in GRAPH_SPECS]
     if unknown or not opts.stages:
         raise SdcError(f"unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+    if opts.unet_chunks not in (0, 1):
+        from .unet_chunks import MAX_CHUNKS
+
+        if not isinstance(opts.unet_chunks, int) or not 2 <= opts.unet_chunks <= MAX_CHUNKS:
+            raise SdcError(f"--unet-chunks {opts.unet_chunks}: expected an integer from 2 to "
+                           f"{MAX_CHUNKS} (or 1: the UNet whole)")
+        if "unet" not in opts.stages:
+            raise SdcError("--unet-chunks cuts the UNet graph, which --stages leaves out; add unet")
+    else:
+        opts.unet_chunks = 0
     # Never reach a model hub: every config and tokenizer file is local or shipped.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
@@ -428,7 +470,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         comp_stages.sort(key=lambda s: GRAPH_SPECS[s].fp16_policy != "fp32")
         _check_cancel(opts)
         results.update(_build_component(source, component, comp_stages, opts.precision, dims,
-                                        tmp, log, fusion))
+                                        tmp, log, fusion, opts.unet_chunks))
         _check_cancel(opts)
     scheduler = _copy_tokenizer_and_scheduler(source, tmp, embeddings)
     _write_model_index(tmp, stages)

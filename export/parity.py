@@ -134,3 +134,89 @@ def check_tiled_decoder(folder: Path, segments: list[dict], spec: GraphSpec, fee
                           f"{tile} latents): {shown}, required max_rel <= {spec.fp32_max_rel}; "
                           "the build was not written")
     return report
+
+
+def check_unet_chunks(folder: Path, parts: list[dict], spec: GraphSpec, graph_precision: str,
+                      feeds_by_case: dict, refs: dict) -> dict:
+    """Each UNet chunk against the same tensors inside the whole graph, then the chained chunks
+    against torch with the whole graph's own gate.
+
+    Per chunk: the whole graph, with every carried tensor added as an output, runs once per case;
+    each chunk is fed the whole graph's values and must reproduce its outputs within the graph's
+    max_rel threshold (fp32: 1e-4; fp16: 1e-2, i.e. ten fp16 ulps of the largest value, since
+    the chunk and the whole graph may round a fused op differently). Integer (shape) tensors must
+    match exactly. Chained: the runtime's own chunk runner, fed only the graph inputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from ..runtime.unet_chunks import run_chunks
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if graph_precision == "fp16":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # see check_graph
+    carried = list(dict.fromkeys(t for p in parts[:-1] for t in p["outputs"]))
+    infos = {}  # the chunks declare the carried tensors' types (split_graph inferred any missing)
+    for part in parts:
+        chunk = onnx.load(str(folder / part["file"]), load_external_data=False)
+        infos.update({v.name: v for v in chunk.graph.output})
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend([infos[t] for t in carried if t not in have])
+    probe = folder / ".probe.onnx"  # next to the data file it references; removed below
+    onnx.save(proto, str(probe))
+    del proto
+    try:
+        session = ort.InferenceSession(str(probe), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        inside = {case: {**feeds, **dict(zip(names, session.run(None, feeds)))}
+                  for case, feeds in feeds_by_case.items()}
+        del session
+    finally:
+        probe.unlink(missing_ok=True)
+    limit = spec.fp32_max_rel if graph_precision == "fp32" else 1e-2
+    per_chunk = []
+    sessions = {}
+    for part in parts:
+        sessions[part["name"]] = ort.InferenceSession(str(folder / part["file"]), opts,
+                                                      providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for case, values in inside.items():
+            outs = sessions[part["name"]].run(part["outputs"],
+                                              {n: values[n] for n in part["inputs"]})
+            for name, out in zip(part["outputs"], outs):
+                want = values[name]
+                if out.shape != want.shape or (out.dtype.kind in "iub" and
+                                               not np.array_equal(out, want)):
+                    worst = float("inf")
+                elif out.dtype.kind == "f":
+                    if not np.isfinite(out).all():
+                        worst = float("inf")
+                        continue
+                    d = np.abs(out.astype(np.float64) - want.astype(np.float64)).max(initial=0.0)
+                    worst = max(worst, float(d / max(np.abs(want).max(initial=0.0), 1e-12)))
+        per_chunk.append({"chunk": part["name"], "max_rel": worst, "threshold": limit,
+                          "passed": worst <= limit})
+        if worst > limit:
+            raise ParityError(f"parity failed for UNet {part['name']} ({part['file']}): max_rel "
+                              f"{worst:.4g} against the whole graph, required <= {limit}; the "
+                              "build was not written")
+    results = []
+    for case, feeds in feeds_by_case.items():
+        out = run_chunks(lambda part, f: sessions[part["name"]].run(part["outputs"], f),
+                         parts, feeds)
+        results.append({"case": case, **compare(refs[case], out, graph_precision, spec)})
+    del sessions
+    metric = "max_rel" if graph_precision == "fp32" else "psnr_db"
+    worst = [r["value"] for r in results if r["value"] is not None]
+    report = {"metric": metric, "reference": "torch fp32", "chunks": per_chunk,
+              "threshold": spec.fp32_max_rel if metric == "max_rel" else spec.fp16_min_psnr,
+              "value": (max(worst) if metric == "max_rel" else min(worst)) if worst else None,
+              "passed": all(r["passed"] for r in results), "cases": results}
+    if not report["passed"]:
+        bad = next(r for r in results if not r["passed"])
+        raise ParityError(f"parity failed for the chained UNet chunks (case {bad['case']}): "
+                          f"{bad.get('detail') or bad['value']}, required {metric} "
+                          f"{'<=' if metric == 'max_rel' else '>='} {report['threshold']}; the "
+                          "build was not written")
+    return report
