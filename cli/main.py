@@ -118,18 +118,37 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
               help="LoRA fused at session start (repeatable); the build is not changed.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the written paths.")
+@click.option("--vram-budget", default=None, metavar="SIZE",
+              help="Memory the run may hold at once (4GiB, 1500MB): device memory on CUDA, RSS "
+                   "above the interpreter+libraries baseline on CPU. Refused before running if "
+                   "no plan fits.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the memory plan (stages, residency, tiles, chunks, estimated peaks) "
+                   "and exit without running.")
+@click.option("--cfg-split/--no-cfg-split", default=None,
+              help="Run the CFG halves as separate UNet passes [default: the planner decides].")
 def run(prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
-        provider, latents, init_image, strength, vae_tile, out, no_verify, loras, quiet) -> None:
+        provider, latents, init_image, strength, vae_tile, out, no_verify, loras, quiet,
+        vram_budget, plan_only, cfg_split) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
+    from ..runtime.memory import fmt_bytes
     from ..runtime.outputs import output_paths
-    from ..runtime.pipeline import GenerateOptions, run_pipeline
+    from ..runtime.pipeline import GenerateOptions, plan_run, run_pipeline
     from ..runtime.png import save_png
 
     opts = GenerateOptions(prompt=prompt, artifacts=artifacts, negative=negative, steps=steps,
                            guidance=guidance, seed=seed, width=width, height=height,
                            scheduler=scheduler, batch=batch, provider=provider, latents=latents,
                            init_image=init_image, strength=strength, verify=not no_verify,
-                           vae_tile=vae_tile, loras=loras)
+                           vae_tile=vae_tile, loras=loras, vram_budget=vram_budget,
+                           cfg_split=cfg_split)
+    if plan_only:
+        plan, _, _ = plan_run(opts)
+        if plan is None:
+            raise SdcError("--plan: this build has no measured memory profile (built by an older "
+                           "sdc); rebuild it with this sdc")
+        click.echo("\n".join(plan.describe()))
+        return
     output_paths(out, [0] * batch)  # refuse an unwritable --out before minutes of work
     console = _console()
     log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))
@@ -158,6 +177,13 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
         ran_on = ", ".join(sorted(set(result.providers.values())))
         console.print(f"seed {result.seeds[0]}; {stages}; ran on {ran_on}", markup=False)
+        mem = result.memory
+        if mem.get("peak_bytes") is not None:
+            console.print(f"peak RSS {fmt_bytes(mem['peak_bytes'])} above a "
+                          f"{fmt_bytes(mem['baseline_bytes'])} baseline (planned "
+                          f"{fmt_bytes(mem['planned_peak_bytes'])}"
+                          + (f", budget {fmt_bytes(mem['budget_bytes'])})" if mem["budget_bytes"]
+                             else ")"), markup=False)
 
 
 @cli.command()

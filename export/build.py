@@ -475,6 +475,13 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
     scheduler = _copy_tokenizer_and_scheduler(source, tmp, embeddings)
     _write_model_index(tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
+    model = {**dims.as_dict(), "prediction_type": scheduler["prediction_type"],
+             "default_size": source.native_size()}
+    graphs = {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages}
+    _check_cancel(opts)
+    from .profile import profile_build
+
+    memory_profile = profile_build(tmp, graphs, model, log)
     manifest = {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
@@ -489,13 +496,13 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         },
         "defaults": source.defaults(),
         "precision": opts.precision,
-        "model": {**dims.as_dict(), "prediction_type": scheduler["prediction_type"],
-                  "default_size": source.native_size()},
+        "model": model,
         "pipeline": [s for s in mf.PIPELINE if s in stages],
         "scheduler": {"class": scheduler["class"], "config": "scheduler/scheduler_config.json"},
         "tokenizer": {"files": sorted(r for r in files if r.startswith("tokenizer/")),
                       "max_length": dims.max_sequence},
-        "graphs": {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages},
+        "graphs": graphs,
+        "memory_profile": memory_profile,
         "loras": [{**r, "applied": "build"}
                   for r in report(adapters, fusion.max_delta if fusion else {})],
         "embeddings": [{k: v for k, v in e.items() if k != "vectors_data"} for e in embeddings],

@@ -30,6 +30,7 @@ from .png import a1111_parameters
 MAX_STEPS = 1000
 MAX_BATCH = 64
 AUTO_TILE, AUTO_TILE_ABOVE = 32, 64  # latents
+MIN_TILE = 8  # latents: smaller VAE tiles cost far more halo than they save
 
 
 @dataclass
@@ -54,7 +55,10 @@ class GenerateOptions:
     # (tiles of 32 above 64 latents, i.e. beyond SD1.x's native 512 px: exact tiles cost ~1.3x
     # the untiled decode's time at 512 px and save a quarter of its peak, measured; the memory
     # planner will choose tiles when a budget requires them)
-    cfg_split: bool = False  # run the CFG halves as two UNet passes (half the activation memory)
+    cfg_split: bool | None = None  # CFG halves as two UNet passes (half the activations);
+    # None: the planner decides (never without a budget)
+    vram_budget: int | str | None = None  # bytes or "4GiB": the planner keeps the run's peak
+    # (device memory on CUDA, RSS above the baseline on CPU) under it, or refuses before running
     # LoRAs fused in numpy at session start (`PATH[:WEIGHT[:BLOCKS]]` strings or LoraSpec) and
     # swapped into the sessions; the build on disk is not changed
     loras: tuple = ()
@@ -69,6 +73,8 @@ class GenerateResult:
     providers: dict[str, str]  # stage -> execution provider it really ran on
     warnings: list[str] = field(default_factory=list)
     artifacts: Path | None = None
+    plan: object = None  # planner.Plan (None for builds without a memory profile)
+    memory: dict = field(default_factory=dict)  # baseline / measured peak / planned peak, bytes
 
 
 def resolve_artifacts(artifacts: Path | str | None) -> Path:
@@ -140,7 +146,7 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
         raise SdcError(f"--batch {opts.batch}: expected an integer from 1 to {MAX_BATCH}")
     if opts.seed is not None and not (isinstance(opts.seed, int) and 0 <= opts.seed < 2**63):
         raise SdcError(f"--seed {opts.seed}: expected a non-negative integer")
-    if opts.vae_tile and opts.vae_tile < 8:
+    if opts.vae_tile and opts.vae_tile < MIN_TILE:
         raise SdcError(f"--vae-tile {opts.vae_tile}: expected 0 (untiled) or >= 8 latents")
     default = model.get("default_size", 512)
     for name, v in (("width", opts.width), ("height", opts.height)):
@@ -172,21 +178,60 @@ def _default_scheduler(manifest: dict) -> str:
     return next((name for name, s in SCHEDULERS.items() if s.diffusers_class == cls), "pndm")
 
 
+def plan_run(opts: GenerateOptions):
+    """(plan, manifest, options with model defaults) for `opts` without running anything: what
+    `sdc run --plan` prints. Validates the options; hashes nothing."""
+    folder = resolve_artifacts(opts.artifacts)
+    manifest = load_manifest(folder)
+    opts = with_model_defaults(opts, manifest)
+    width, height, _ = _validate(opts, manifest)
+    if opts.init_image is not None:
+        multiple = manifest["model"]["vae_scale_factor"] * manifest["model"]["unet_multiple"]
+        _, width, height = _load_init_image(opts.init_image, opts.width, opts.height, multiple)
+    return _plan(opts, manifest, width, height), manifest, opts
+
+
+def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
+    from .memory import parse_size
+    from .planner import make_plan
+
+    budget = opts.vram_budget
+    if budget is not None and not isinstance(budget, int):
+        budget = parse_size(budget)
+    elif budget is not None and budget <= 0:
+        raise SdcError(f"--vram-budget {budget}: expected a positive size such as 4GiB")
+    return make_plan(manifest, batch=opts.batch, cfg=opts.guidance > 1.0, width=width,
+                     height=height, steps=opts.steps, budget=budget, vae_tile=opts.vae_tile,
+                     cfg_split=opts.cfg_split, img2img=opts.init_image is not None)
+
+
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> GenerateResult:
     import json
 
+    from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
     from .schedulers import make_scheduler
     from .sessions import free_memory, open_session, resolve_providers
     from .tokenizer import PromptTokenizer
+    from .unet_chunks import ChunkedUNet
     from .vae_decode import decode_latents
 
+    import_runtime_libraries()  # the baseline is the interpreter plus these (runtime/memory.py)
+    free_memory()
+    baseline = rss_bytes()
+    exact_peak = reset_peak()
     log = log or (lambda msg: None)
     progress = progress or (lambda stage, i, n: None)
     folder = resolve_artifacts(opts.artifacts)
     manifest = load_manifest(folder)
     opts = with_model_defaults(opts, manifest)
     width, height, sched_name = _validate(opts, manifest)
+    init = None
+    if opts.init_image is not None:
+        init, width, height = _load_init_image(opts.init_image, opts.width, opts.height,
+                                               manifest["model"]["vae_scale_factor"]
+                                               * manifest["model"]["unet_multiple"])
+    plan = _plan(opts, manifest, width, height)  # a budget nothing fits is refused here
     problems = verify_files(folder, manifest, hashes=opts.verify)
     if problems:
         raise SdcError(f"{folder}: {len(problems)} artifact file(s) do not match the manifest ("
@@ -202,12 +247,12 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     seeds = [seed + i for i in range(opts.batch)]
     rngs = [np.random.default_rng(s) for s in seeds]
 
-    init = None
-    if opts.init_image is not None:
-        init, width, height = _load_init_image(opts.init_image, opts.width, opts.height,
-                                               f * model["unet_multiple"])
     lat_shape = (opts.batch, c, height // f, width // f)
     given = _load_latents(opts.latents, lat_shape) if opts.latents is not None else None
+    if plan is not None:
+        for line in plan.describe():
+            log(f"[plan] {line}")
+    mem_limit = plan.budget if plan is not None else None
     scheduler = make_scheduler(sched_name, json.loads((folder / manifest["scheduler"]["config"])
                                                       .read_text()))
     cfg = opts.guidance > 1.0
@@ -225,7 +270,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
         if cut:
             warnings.append(f"{text} longer than {tok.max_length} tokens: dropped {cut!r}")
     te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider,
-                      initializers=swapped.pop("text_encoder", None))
+                      initializers=swapped.pop("text_encoder", None), cuda_mem_limit=mem_limit)
     log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
     embeds = te.run({"input_ids": tokens.ids})
     providers["text_encoder"], warnings = te.provider, warnings + te.warnings
@@ -240,7 +285,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     timesteps = scheduler.timesteps
     if init is not None:
         t0 = time.perf_counter()
-        enc = open_session(folder, "vae_encoder", graphs["vae_encoder"], opts.provider)
+        enc = open_session(folder, "vae_encoder", graphs["vae_encoder"], opts.provider,
+                           cuda_mem_limit=mem_limit)
         log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
         params = enc.run({"sample": init.astype(np.float32)})
         providers["vae_encoder"] = enc.provider
@@ -265,22 +311,26 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
 
     # 3. denoising loop -----------------------------------------------------------------------
     t0 = time.perf_counter()
-    unet = open_session(folder, "unet", graphs["unet"], opts.provider,
-                        initializers=swapped.pop("unet", None))
-    log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
+    if plan is not None and plan.unet == "chunks":
+        unet = ChunkedUNet(folder, graphs["unet"], opts.provider, plan.resident,
+                           initializers=swapped.pop("unet", None), cuda_mem_limit=mem_limit)
+        log(f"[unet] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} resident")
+    else:
+        unet = open_session(folder, "unet", graphs["unet"], opts.provider,
+                            initializers=swapped.pop("unet", None), cuda_mem_limit=mem_limit)
+        log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
     providers["unet"], warnings = unet.provider, warnings + unet.warnings
     multiple = model["unet_multiple"]
+    rows = 2 * opts.batch if cfg else opts.batch
+    micro = plan.micro if plan is not None else (opts.batch if cfg and opts.cfg_split else rows)
     for i, t in enumerate(timesteps):
         x = np.concatenate([latents, latents]) if cfg else latents
         x = scheduler.scale_model_input(x, t).astype(np.float32)
-        if cfg and opts.cfg_split:
-            halves = [unet.run({"sample": x[s], "timestep": np.full(opts.batch, t, np.float32),
-                                "encoder_hidden_states": embeds[s]}, multiple)
-                      for s in (slice(0, opts.batch), slice(opts.batch, None))]
-            eps = np.concatenate(halves)
-        else:
-            eps = unet.run({"sample": x, "timestep": np.full(len(x), t, np.float32),
-                            "encoder_hidden_states": embeds}, multiple)
+        eps = np.concatenate([
+            unet.run({"sample": x[s:s + micro], "timestep": np.full(len(x[s:s + micro]), t,
+                                                                   np.float32),
+                      "encoder_hidden_states": embeds[s:s + micro]}, multiple)
+            for s in range(0, rows, micro)])
         if cfg:
             uncond, text = np.split(eps, 2)
             eps = uncond + np.float32(opts.guidance) * (text - uncond)
@@ -300,17 +350,23 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     # 4. VAE decode ---------------------------------------------------------------------------
     t0 = time.perf_counter()
     z = latents / np.float32(model["scaling_factor"])
-    tile = opts.vae_tile
+    tile = plan.vae_tile if plan is not None else opts.vae_tile
     if tile is None:
         tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
     pixels, providers["vae_decoder"], dec_warnings = decode_latents(
-        folder, graphs["vae_decoder"], z, f, tile, opts.provider, log, progress)
+        folder, graphs["vae_decoder"], z, f, tile, opts.provider, log, progress, mem_limit)
     warnings += dec_warnings
     timings["vae_decoder"] = time.perf_counter() - t0
 
     images, params = _to_images(pixels, opts, manifest, seeds, width, height, sched_name,
                                 any(tokens.truncated), lora_report)
-    return GenerateResult(images, seeds, params, timings, providers, warnings, folder)
+    peak = peak_bytes() if exact_peak else None
+    memory = {"baseline_bytes": baseline,
+              "peak_bytes": peak - baseline if peak is not None else None,
+              "planned_peak_bytes": plan.peak if plan is not None else None,
+              "budget_bytes": plan.budget if plan is not None else None}
+    return GenerateResult(images, seeds, params, timings, providers, warnings, folder, plan,
+                          memory)
 
 
 def _swap_loras(folder: Path, manifest: dict, loras, log) -> tuple[dict, list]:

@@ -59,7 +59,7 @@ class StageSession:
 def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
                  onnx_file: str | None = None, arena: bool = True,
                  initializers: dict[str, np.ndarray] | None = None,
-                 prepack: bool = True) -> StageSession:
+                 prepack: bool = True, cuda_mem_limit: int | None = None) -> StageSession:
     """`onnx_file` (relative to the build) defaults to the graph's own; `arena=False` turns ORT's
     CPU arena off, for graphs run many times at varying shapes next to other live sessions (the
     VAE decoder's segments: 26 arenas each holding its own peak summed to 7.8 GiB for one 512 px
@@ -68,7 +68,9 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
     before graph optimisation; never `add_initializer`, which is silently ignored for weights
     behind a Transpose (FACTS.md). `prepack=False` skips MLAS weight pre-packing: for sessions
     created over and over (streamed UNet chunks) it cuts the SD1.5 UNet's creation from 4.5 to
-    1.5 s at the same step time and peak (measured, 2 cores)."""
+    1.5 s at the same step time and peak (measured, 2 cores). `cuda_mem_limit` (a --vram-budget)
+    caps the CUDA provider's arena (`gpu_mem_limit`) and grows it only as requested
+    (`kSameAsRequested`) instead of doubling, so a budget is a hard device-side limit too."""
     import onnxruntime as ort
 
     wanted = resolve_providers(provider)
@@ -95,7 +97,11 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
         opts.add_external_initializers(list(initializers), keep)
     t0 = time.perf_counter()
     try:
-        session = ort.InferenceSession(str(Path(folder) / onnx_file), opts, providers=wanted)
+        providers = wanted
+        if cuda_mem_limit and wanted[0] == _ORT_NAMES["cuda"]:
+            providers = [(wanted[0], {"gpu_mem_limit": str(int(cuda_mem_limit)),
+                                      "arena_extend_strategy": "kSameAsRequested"}), *wanted[1:]]
+        session = ort.InferenceSession(str(Path(folder) / onnx_file), opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises several internal types
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SdcError(f"{stage}: onnxruntime cannot load {onnx_file} ({msg}); run `sdc verify` "

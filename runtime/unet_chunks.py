@@ -41,11 +41,11 @@ class ChunkedUNet:
     stage = "unet"
 
     def __init__(self, folder: Path, graph: dict, provider: str, resident: tuple[int, ...] = (),
-                 initializers: dict | None = None, log: Callable[[str], None] = lambda m: None):
+                 initializers: dict | None = None, cuda_mem_limit: int | None = None):
         self.folder, self.graph, self.provider_choice = folder, graph, provider
         self.parts = graph["chunks"]["parts"]
         self.initializers = initializers or {}
-        self.log = log
+        self.cuda_mem_limit = cuda_mem_limit
         self.loads = 0
         self.load_seconds = 0.0
         self.sessions: dict[int, StageSession] = {k: self._open(k) for k in resident}
@@ -59,7 +59,7 @@ class ChunkedUNet:
             if self.initializers else None
         s = open_session(self.folder, "unet", self.graph, self.provider_choice,
                          onnx_file=f"unet/{part['file']}", initializers=mine or None,
-                         prepack=False)
+                         prepack=False, cuda_mem_limit=self.cuda_mem_limit)
         self.loads += 1
         self.load_seconds += s.load_seconds
         return s

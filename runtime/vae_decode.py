@@ -19,14 +19,16 @@ from .sessions import free_memory, open_session
 
 def decode_latents(folder: Path, graph: dict, z: np.ndarray, factor: int, tile: int,
                    provider: str, log: Callable[[str], None],
-                   progress: Callable[[str, int, int], None]) -> tuple[list, str, list[str]]:
+                   progress: Callable[[str, int, int], None],
+                   cuda_mem_limit: int | None = None) -> tuple[list, str, list[str]]:
     """Pixels [1, 3, H, W] per image of z (latents already divided by the scaling factor);
     returns (pixels, the provider it ran on, warnings). Sessions are released before return."""
     if tile and graph.get("tiled"):
-        return _decode_segmented(folder, graph["tiled"], z, tile, provider, log, progress)
+        return _decode_segmented(folder, graph["tiled"], z, tile, provider, log, progress,
+                                 cuda_mem_limit)
     from .vae_tiling import decode_tiled
 
-    dec = open_session(folder, "vae_decoder", graph, provider)
+    dec = open_session(folder, "vae_decoder", graph, provider, cuda_mem_limit=cuda_mem_limit)
     log(f"[vae_decoder] holding vae_decoder on {dec.provider}"
         + (f" (blended {tile}-latent tiles)" if tile else ""))
     warnings = list(dec.warnings)
@@ -46,12 +48,13 @@ def decode_latents(folder: Path, graph: dict, z: np.ndarray, factor: int, tile: 
     return pixels, actual, warnings
 
 
-def _decode_segmented(folder, tiled: dict, z, tile, provider, log, progress):
+def _decode_segmented(folder, tiled: dict, z, tile, provider, log, progress, cuda_mem_limit=None):
     from .vae_segmented import decode_segmented
 
     segments = tiled["segments"]
     sessions = {s["name"]: open_session(folder, "vae_decoder", tiled, provider,
-                                        onnx_file=s["file"], arena=False) for s in segments}
+                                        onnx_file=s["file"], arena=False,
+                                        cuda_mem_limit=cuda_mem_limit) for s in segments}
     actual = {s.provider for s in sessions.values()}
     first = next(iter(sessions.values()))
     log(f"[vae_decoder] holding {len(sessions)} decoder segments on {', '.join(sorted(actual))} "

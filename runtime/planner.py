@@ -1,0 +1,236 @@
+"""The memory planner: before anything runs, choose how `sdc run` executes so its peak stays under
+`--vram-budget`, from the build's measured profile (manifest `memory_profile`) alone.
+
+What it chooses
+  unet       the whole graph (loaded once), or the build's chunks (`--unet-chunks`): chunks in
+             `resident` stay loaded for the loop, the others are created, run and released on
+             every pass, so a budget below the UNet's weights still runs
+  micro      UNet rows per pass: the whole CFG batch (2 x batch), one half (= cfg split), or 1
+  vae_tile   0 (whole decoder) or an exact tile size (decoder segments)
+Stages run one at a time whatever the budget: within one run each session is created once either
+way, so keeping one resident across stages would cost memory and save no time.
+
+How it estimates
+  Each unit's measured points are fitted linearly in the work its shape implies (batch x latent
+  pixels; tiles add the tile's area and count), never below a measured point at or under the
+  query, then scaled by SAFETY and offset by SLACK. A stage's estimate adds what the whole run
+  holds beside it: onnxruntime's one-time setup (`first_session_bytes`), the tokenizer
+  (`runtime_held_bytes`) and the images decoded so far. Time is estimated the same way from the
+  measured run and load seconds, and a budget picks the fastest plan that fits; no budget picks the
+  fastest plan outright (VAE tiles only above 64 latents, as without a budget).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SdcError
+from .memory import fmt_bytes
+
+SAFETY = 1.10  # measured peaks vary a few % run to run (arena growth, heap); see tests/test_budget.py
+SLACK = 8 * 2**20  # bytes: Python-side arrays and heap noise the units do not see
+TILES = (64, 48, 32, 24, 16, 8)  # latents, largest (fastest) first
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    holds: str  # what is resident while it runs
+    peak: int  # estimated bytes above the baseline
+    seconds: float
+
+
+@dataclass
+class Plan:
+    budget: int | None
+    unet: str  # "whole" | "chunks"
+    resident: tuple[int, ...]  # chunk indices kept loaded (chunks only)
+    chunks: int
+    micro: int  # UNet rows per pass
+    rows: int  # UNet rows per step (2 x batch with CFG)
+    vae_tile: int
+    attention: str
+    stages: list[StagePlan] = field(default_factory=list)
+    baseline: int = 0
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    @property
+    def cfg_split(self) -> bool:
+        return self.micro < self.rows
+
+    def describe(self) -> list[str]:
+        streamed = self.chunks - len(self.resident)
+        unet = ("whole graph" if self.unet == "whole" else
+                f"{self.chunks} chunks, {len(self.resident)} resident, {streamed} streamed per pass")
+        lines = [
+            f"budget      {fmt_bytes(self.budget) if self.budget else 'none (fastest plan)'}",
+            f"baseline    {fmt_bytes(self.baseline)} (interpreter + libraries, not in the budget)",
+            f"unet        {unet}; {self.micro} row(s) per pass of {self.rows}"
+            + (" (CFG split)" if self.cfg_split else ""),
+            f"attention   {self.attention}",
+            f"vae tile    {self.vae_tile or 'whole image'}"
+            + (" latents (exact segments)" if self.vae_tile else ""),
+        ]
+        lines += [f"{s.stage:<13} holds {s.holds}: peak {fmt_bytes(s.peak)}, ~{s.seconds:.1f} s"
+                  for s in self.stages]
+        lines.append(f"total       peak {fmt_bytes(self.peak)} above baseline, ~{self.seconds:.0f} s "
+                     "(estimates from the build's measured profile)")
+        return lines
+
+
+class _Fit:
+    """Least-squares line through a unit's measured points, floored by the points it dominates."""
+
+    def __init__(self, points: list[dict], features, key: str):
+        self.features, self.key = features, key
+        self.pts = [(np.array(features(p), float), float(p[key])) for p in points
+                    if p.get(key) is not None]
+        if not self.pts:
+            raise SdcError("this build's memory profile has no measured points; rebuild it")
+        a = np.array([x for x, _ in self.pts])
+        y = np.array([v for _, v in self.pts])
+        self.coef = np.linalg.lstsq(a, y, rcond=None)[0]
+
+    def __call__(self, p: dict) -> float:
+        x = np.array(self.features(p), float)
+        under = [v for xp, v in self.pts if (xp <= x + 1e-9).all()]
+        floor = max(under) if under else min(v for _, v in self.pts)
+        return max(float(x @ self.coef), floor)
+
+
+def _plain(p: dict) -> list[float]:
+    return [1.0, p.get("batch", 1) * p.get("lat", 1) ** 2]
+
+
+def _tiled(p: dict) -> list[float]:
+    lat, tile = p["lat"], p.get("tile") or p["lat"]
+    return [1.0, p.get("batch", 1) * lat ** 2, min(tile, lat) ** 2]
+
+
+def _tiled_time(p: dict) -> list[float]:
+    lat, tile = p["lat"], p.get("tile") or p["lat"]
+    return [1.0, p.get("batch", 1) * lat ** 2, math.ceil(lat / tile) ** 2]
+
+
+class _Unit:
+    def __init__(self, unit: dict, features=_plain, time_features=None):
+        pts = unit["points"]
+        self.peak = _Fit(pts, features, "peak")
+        self.held = _Fit(pts, features, "held")
+        self.run = _Fit(pts, time_features or features, "run_s")
+        self.load = float(np.median([p["load_s"] for p in pts]))
+
+
+def _est(x: float) -> int:
+    return int(x * SAFETY + SLACK)
+
+
+def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
+              budget: int | None = None, vae_tile: int | None = None, cfg_split: bool | None = None,
+              img2img: bool = False) -> Plan:
+    """The fastest plan whose estimated peak fits `budget` (None: the fastest plan). `vae_tile`
+    and `cfg_split` given by the user are kept as they are. Raises SdcError, naming the smallest
+    budget that would fit, when none does."""
+    prof = manifest.get("memory_profile")
+    graphs = manifest["graphs"]
+    if not prof:
+        if budget is not None:
+            raise SdcError("--vram-budget: this build has no measured memory profile (built by an "
+                           "older sdc); rebuild it with this sdc to plan against a budget")
+        return None
+    model = manifest["model"]
+    f = model["vae_scale_factor"]
+    lh, lw = height // f, width // f
+    lat = math.sqrt(lh * lw)  # the fits are in latent pixels: lat² = lh x lw
+    g = prof["graphs"]
+    fixed = prof["first_session_bytes"] + prof["runtime_held_bytes"]
+    rows = 2 * batch if cfg else batch
+    te = _Unit(g["text_encoder"]["whole"])
+    unet_whole = _Unit(g["unet"]["whole"])
+    chunk_units = [_Unit(c) for c in g["unet"].get("chunks", [])]
+    dec_whole = _Unit(g["vae_decoder"]["whole"])
+    dec_tiled = (_Unit(g["vae_decoder"]["tiled"], _tiled, _tiled_time)
+                 if "tiled" in g["vae_decoder"] else None)
+    pixels = 3 * width * height * 4  # one decoded image held until the end
+    latents = rows * model["latent_channels"] * lh * lw * 4 * 4  # latents, x, eps, scheduler state
+
+    def te_stage() -> StagePlan:
+        p = {"batch": rows}
+        return StagePlan("text_encoder", "text_encoder", _est(te.peak(p) + fixed),
+                         te.load + te.run(p))
+
+    def enc_stage() -> StagePlan:
+        enc = _Unit(g["vae_encoder"]["whole"])
+        p = {"batch": 1, "lat": lat}
+        return StagePlan("vae_encoder", "vae_encoder", _est(enc.peak(p) + fixed + latents),
+                         enc.load + enc.run(p))
+
+    def unet_stage(mode: str, resident: tuple, micro: int) -> StagePlan:
+        p = {"batch": micro, "lat": lat}
+        passes = math.ceil(rows / micro)
+        if mode == "whole":
+            return StagePlan("unet", "unet (whole)", _est(unet_whole.peak(p) + fixed + latents),
+                             unet_whole.load + steps * passes * unet_whole.run(p))
+        held = {k: chunk_units[k].held(p) for k in resident}
+        peak = max(u.peak(p) + sum(v for j, v in held.items() if j != k)
+                   for k, u in enumerate(chunk_units))
+        per_pass = sum(u.run(p) + (0 if k in resident else u.load)
+                       for k, u in enumerate(chunk_units))
+        holds = (f"chunks {', '.join(str(k + 1) for k in resident)} resident + one streamed"
+                 if resident else "one chunk at a time")
+        return StagePlan("unet", holds, _est(peak + fixed + latents),
+                         sum(chunk_units[k].load for k in resident) + steps * passes * per_pass)
+
+    def dec_stage(tile: int) -> StagePlan:
+        p = {"batch": 1, "lat": lat, "tile": tile}
+        unit = dec_tiled if tile else dec_whole
+        peak = unit.peak(p) + fixed + pixels * batch
+        what = f"vae_decoder segments, {tile}-latent tiles" if tile else "vae_decoder (whole)"
+        return StagePlan("vae_decoder", what, _est(peak), unit.load + batch * unit.run(p))
+
+    unet_modes = [("whole", ())]
+    if chunk_units:
+        by_load = sorted(range(len(chunk_units)), key=lambda k: -chunk_units[k].load)
+        unet_modes += [("chunks", tuple(sorted(by_load[:r]))) for r in range(len(chunk_units))]
+    if cfg_split is not None:
+        micros = [batch if (cfg and cfg_split) else rows]
+    else:
+        micros = sorted({rows, batch, 1}, reverse=True) if budget is not None else [rows]
+    if vae_tile is not None:
+        tiles = [vae_tile]
+    elif budget is None:
+        tiles = [32 if max(lh, lw) > 64 and dec_tiled else 0]
+    else:
+        tiles = [0] + ([t for t in TILES if t < max(lh, lw)] if dec_tiled else [])
+    attention = graphs["unet"].get("attention", "MatMul-Softmax-MatMul (older build)")
+    head = [te_stage()] + ([enc_stage()] if img2img else [])
+    unet_plans = {(m, r, mi): unet_stage(m, r, mi) for (m, r), mi in itertools.product(unet_modes, micros)}
+    dec_plans = {t: dec_stage(t) for t in tiles}
+    plans = []
+    for (mode, resident, micro), tile in itertools.product(unet_plans, tiles):
+        plan = Plan(budget, mode, resident, len(chunk_units), micro, rows, tile, attention,
+                    head + [unet_plans[(mode, resident, micro)], dec_plans[tile]],
+                    prof["baseline_bytes"])
+        plans.append(plan)
+    fitting = [p for p in plans if budget is None or p.peak <= budget]
+    if not fitting:
+        low = min(plans, key=lambda p: p.peak)
+        hint = ("rebuild with more --unet-chunks to lower the UNet's share" if chunk_units else
+                "rebuild with --unet-chunks 4 (the UNet's weights are its floor now)")
+        raise SdcError(f"--vram-budget {fmt_bytes(budget)}: no plan fits; the smallest this build "
+                       f"can run at {width}x{height}, batch {batch} is {fmt_bytes(low.peak)} "
+                       f"({low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}); "
+                       f"give --vram-budget {math.ceil(low.peak / 2**20)}MiB or more, {hint}, or "
+                       "lower --width/--height/--batch")
+    return min(fitting, key=lambda p: (round(p.seconds, 1), p.peak))
