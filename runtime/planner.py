@@ -138,17 +138,37 @@ def _est(x: float) -> int:
 
 def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
               budget: int | None = None, vae_tile: int | None = None, cfg_split: bool | None = None,
-              img2img: bool = False) -> Plan:
+              img2img: bool = False) -> Plan | None:
     """The fastest plan whose estimated peak fits `budget` (None: the fastest plan). `vae_tile`
     and `cfg_split` given by the user are kept as they are. Raises SdcError, naming the smallest
-    budget that would fit, when none does."""
-    prof = manifest.get("memory_profile")
-    graphs = manifest["graphs"]
-    if not prof:
+    budget that would fit, when none does; None for a build without a memory profile."""
+    if not manifest.get("memory_profile"):
         if budget is not None:
             raise SdcError("--vram-budget: this build has no measured memory profile (built by an "
                            "older sdc); rebuild it with this sdc to plan against a budget")
         return None
+    plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
+                            steps=steps, budget=budget, vae_tile=vae_tile, cfg_split=cfg_split,
+                            img2img=img2img)
+    fitting = [p for p in plans if budget is None or p.peak <= budget]
+    if not fitting:
+        low = min(plans, key=lambda p: p.peak)
+        hint = ("rebuild with more --unet-chunks to lower the UNet's share" if low.chunks else
+                "rebuild with --unet-chunks 4 (the UNet's weights are its floor now)")
+        raise SdcError(f"--vram-budget {fmt_bytes(budget)}: no plan fits; the smallest this build "
+                       f"can run at {width}x{height}, batch {batch} is {fmt_bytes(low.peak)} "
+                       f"({low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}); "
+                       f"give --vram-budget {math.ceil(low.peak / 2**20)}MiB or more, {hint}, or "
+                       "lower --width/--height/--batch")
+    return min(fitting, key=lambda p: (round(p.seconds, 1), p.peak))
+
+
+def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
+                    budget: int | None = None, vae_tile: int | None = None,
+                    cfg_split: bool | None = None, img2img: bool = False) -> list[Plan]:
+    """Every plan the build allows for this run (with no budget: only the fastest settings)."""
+    prof = manifest["memory_profile"]
+    graphs = manifest["graphs"]
     model = manifest["model"]
     f = model["vae_scale_factor"]
     lh, lw = height // f, width // f
@@ -223,14 +243,4 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
                     head + [unet_plans[(mode, resident, micro)], dec_plans[tile]],
                     prof["baseline_bytes"])
         plans.append(plan)
-    fitting = [p for p in plans if budget is None or p.peak <= budget]
-    if not fitting:
-        low = min(plans, key=lambda p: p.peak)
-        hint = ("rebuild with more --unet-chunks to lower the UNet's share" if chunk_units else
-                "rebuild with --unet-chunks 4 (the UNet's weights are its floor now)")
-        raise SdcError(f"--vram-budget {fmt_bytes(budget)}: no plan fits; the smallest this build "
-                       f"can run at {width}x{height}, batch {batch} is {fmt_bytes(low.peak)} "
-                       f"({low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}); "
-                       f"give --vram-budget {math.ceil(low.peak / 2**20)}MiB or more, {hint}, or "
-                       "lower --width/--height/--batch")
-    return min(fitting, key=lambda p: (round(p.seconds, 1), p.peak))
+    return plans
