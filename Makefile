@@ -39,6 +39,7 @@ BENCH_DIR ?= /tmp/sdc-bench
 bench: venv
 	$(PY) bench/build_fullsize.py --work $(BENCH_DIR) --keep
 	$(PY) bench/run_fullsize.py --work $(BENCH_DIR)
+	$(PY) bench/budget_fullsize.py --work $(BENCH_DIR) --budgets 3GiB 2GiB
 	$(PY) bench/lora_fullsize.py --work $(BENCH_DIR)
 	$(PY) bench/train_fullsize.py --work $(BENCH_DIR)
 

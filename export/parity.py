@@ -176,14 +176,16 @@ def check_unet_chunks(folder: Path, parts: list[dict], spec: GraphSpec, graph_pr
         probe.unlink(missing_ok=True)
     limit = spec.fp32_max_rel if graph_precision == "fp32" else 1e-2
     per_chunk = []
-    sessions = {}
-    for part in parts:
-        sessions[part["name"]] = ort.InferenceSession(str(folder / part["file"]), opts,
-                                                      providers=["CPUExecutionProvider"])
+
+    def load(part):
+        return ort.InferenceSession(str(folder / part["file"]), opts,
+                                    providers=["CPUExecutionProvider"])
+
+    for part in parts:  # one chunk alive at a time, as the runtime streams them
+        session = load(part)
         worst = 0.0
         for case, values in inside.items():
-            outs = sessions[part["name"]].run(part["outputs"],
-                                              {n: values[n] for n in part["inputs"]})
+            outs = session.run(part["outputs"], {n: values[n] for n in part["inputs"]})
             for name, out in zip(part["outputs"], outs):
                 want = values[name]
                 if out.shape != want.shape or (out.dtype.kind in "iub" and
@@ -195,6 +197,7 @@ def check_unet_chunks(folder: Path, parts: list[dict], spec: GraphSpec, graph_pr
                         continue
                     d = np.abs(out.astype(np.float64) - want.astype(np.float64)).max(initial=0.0)
                     worst = max(worst, float(d / max(np.abs(want).max(initial=0.0), 1e-12)))
+        del session
         per_chunk.append({"chunk": part["name"], "max_rel": worst, "threshold": limit,
                           "passed": worst <= limit})
         if worst > limit:
@@ -203,10 +206,8 @@ def check_unet_chunks(folder: Path, parts: list[dict], spec: GraphSpec, graph_pr
                               "build was not written")
     results = []
     for case, feeds in feeds_by_case.items():
-        out = run_chunks(lambda part, f: sessions[part["name"]].run(part["outputs"], f),
-                         parts, feeds)
+        out = run_chunks(lambda part, f: load(part).run(part["outputs"], f), parts, feeds)
         results.append({"case": case, **compare(refs[case], out, graph_precision, spec)})
-    del sessions
     metric = "max_rel" if graph_precision == "fp32" else "psnr_db"
     worst = [r["value"] for r in results if r["value"] is not None]
     report = {"metric": metric, "reference": "torch fp32", "chunks": per_chunk,

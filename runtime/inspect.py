@@ -40,6 +40,24 @@ def describe(manifest: dict) -> str:
             lines.append(f"  {'':<13} exact tiled decode: {len(t['segments'])} segments, parity "
                          f"max_rel {t['parity']['value']:.3g} "
                          f"{'ok' if t['parity']['passed'] else 'FAILED'}")
+        if g.get("chunks"):
+            c = g["chunks"]
+            lines.append(f"  {'':<13} {len(c['parts'])} chunks of "
+                         + " / ".join(_size(part["weight_bytes"]) for part in c["parts"])
+                         + f" weights; chunk parity max_rel "
+                         f"{max(x['max_rel'] for x in c['parity']['chunks']):.3g}, chained "
+                         f"{c['parity']['value']:.3g} {'ok' if c['parity']['passed'] else 'FAILED'}")
+        prof = (manifest.get("memory_profile") or {}).get("graphs", {}).get(stage)
+        if prof:
+            pt = prof["whole"]["points"][-1]
+            at = f"{pt['lat']}² latents" if "lat" in pt else f"batch {pt['batch']}"
+            lines.append(f"  {'':<13} measured peak {_size(pt['peak'] or 0)} at {at}, "
+                         f"{pt['run_s']:.2f} s per call")
+    if manifest.get("memory_profile"):
+        mp = manifest["memory_profile"]
+        lines.append(f"memory     baseline {_size(mp['baseline_bytes'])} (interpreter + runtime "
+                     f"libraries); onnxruntime setup {_size(mp['first_session_bytes'])}, tokenizer "
+                     f"{_size(mp['runtime_held_bytes'])}; `sdc run --plan` shows the plan")
     for lo in manifest.get("loras", []):
         lines.append(f"lora       {lo['name']} ({lo['format']}) weight {lo['weight']:g}, rank "
                      f"{'/'.join(map(str, lo['rank']))}, {lo['layers']} layers, fused at "

@@ -15,7 +15,7 @@ The planner (runtime/planner.py) fits these linearly in the work the shape impli
 latent pixels; for tiles also the tile's area and count) and never extrapolates below a measured
 point. Reference shapes: native/2 and native latents at batch 1 (the UNet's fused attention keeps
 its activations linear in pixels; measured on the SD1.5 UNet: 16², 32², 64² b1 and 64² b2 lie
-within 5 % of one line).
+within 1 % of one line).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ a fifth of the width, ~200 MB of weights), with UNet chunks from `sdc build --un
 
 Peaks are measured in a fresh interpreter per run (a pytest process carries every earlier test's
 heap) from the kernel's high-water mark, above the run's own baseline (runtime/memory.py). The
-0.6 floor is the issue's: an estimate may be cautious, not stale; the planner's SAFETY (1.10) and
-SLACK (8 MiB) put the measured/planned ratio at ~0.75-0.9 here.
+0.6 floor is the issue's: an estimate may be cautious, not stale; the planner's SAFETY (1.15)
+and SLACK (8 MiB) put the measured/planned ratio at ~0.7-0.9 here.
 """
 
 from __future__ import annotations

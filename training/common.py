@@ -185,6 +185,35 @@ def diffusion_loss(unet, prep: Prepared, x0, t, eps, cond):
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
+def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: list,
+               condition: Callable, scaler=None) -> float:
+    """One optimiser step, shared by LoRA and embedding training: the step's learning rate,
+    `grad_accum` micro-batches (each drawn from its own seeded generator, so a resumed run draws
+    what an uninterrupted one would), gradient clipping at 1.0, the (scaled) step; returns the
+    step's loss. `condition(idx)` gives the text states of the drawn items."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    step_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        g = step_generator(cfg.seed, step, micro)
+        idx, x0, t, eps = draw(prep, cfg.batch_size, g)
+        loss = diffusion_loss(unet, prep, x0, t, eps, condition(idx)) / cfg.grad_accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += float(loss.detach())
+    if scaler:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def make_optimizer(cfg: CommonConfig, params: list):
     import torch
 

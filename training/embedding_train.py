@@ -130,19 +130,9 @@ def train_embedding(cfg: EmbeddingConfig, resume: str | None = None,
     ckpt_dir = Path(str(out) + ".checkpoints")
     losses = []
     for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = common.lr_at(cfg, step)
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            g = common.step_generator(cfg.seed, step, micro)
-            idx, x0, t, eps = common.draw(prep, cfg.batch_size, g)
-            cond = text_encoder(ids_all[idx].to(prep.device)).last_hidden_state
-            loss = common.diffusion_loss(unet, prep, x0, t, eps, cond) / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss = common.train_step(
+            cfg, step, prep, unet, opt, params,
+            lambda idx: text_encoder(ids_all[idx].to(prep.device)).last_hidden_state)
         losses.append(step_loss)
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))

@@ -141,29 +141,14 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
 
     losses = []
     t_train = time.perf_counter()
+    if text_encoder is None:  # frozen text encoder: its states were cached by prepare()
+        def condition(idx):
+            return torch.from_numpy(prep.text[idx.numpy()]).to(prep.device)
+    else:
+        def condition(idx):
+            return text_encoder(ids_all[idx].to(prep.device)).last_hidden_state
     for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = common.lr_at(cfg, step)
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            g = common.step_generator(cfg.seed, step, micro)
-            idx, x0, t, eps = common.draw(prep, cfg.batch_size, g)
-            if text_encoder is None:
-                cond = torch.from_numpy(prep.text[idx.numpy()]).to(prep.device)
-            else:
-                cond = text_encoder(ids_all[idx].to(prep.device)).last_hidden_state
-            loss = common.diffusion_loss(unet, prep, x0, t, eps, cond) / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(loss.detach())
-        if scaler:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss = common.train_step(cfg, step, prep, unet, opt, params, condition, scaler)
         losses.append(step_loss)
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))
