@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import threading
-from pathlib import Path
+
+from ..runtime.memory import rss_bytes
 
 
 def process_peak_rss_bytes() -> int:
@@ -29,19 +29,12 @@ class PeakRss:
         self.interval = interval
         self.bytes = 0
 
-    def _rss(self) -> int:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * self._page
-        except OSError:
-            return 0
-
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._rss())
+            self._peak = max(self._peak, rss_bytes())
 
     def __enter__(self) -> "PeakRss":
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self.start = self._peak = self._rss()
+        self.start = self._peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -50,5 +43,5 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._peak = max(self._peak, self._rss())
+        self._peak = max(self._peak, rss_bytes())
         self.bytes = max(0, self._peak - self.start)

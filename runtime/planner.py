@@ -152,9 +152,14 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
             raise SdcError("--vram-budget: this build has no measured memory profile (built by an "
                            "older sdc); rebuild it with this sdc to plan against a budget")
         return None
-    plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
-                            steps=steps, budget=budget, vae_tile=vae_tile, cfg_split=cfg_split,
-                            img2img=img2img)
+    try:
+        plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
+                                steps=steps, budget=budget, vae_tile=vae_tile,
+                                cfg_split=cfg_split, img2img=img2img)
+    except SdcError:  # no peaks measured (not Linux): nothing to plan, nothing asked
+        if budget is not None:
+            raise
+        return None
     fitting = [p for p in plans if budget is None or p.peak <= budget]
     if not fitting:
         low = min(plans, key=lambda p: p.peak)

@@ -49,9 +49,11 @@ class ChunkedUNet:
         self.loads = 0
         self.load_seconds = 0.0
         self.sessions: dict[int, StageSession] = {k: self._open(k) for k in resident}
-        first = self.sessions[resident[0]] if resident else self._open(0)
+        # the provider is what a created session reports: with nothing resident, chunk 1 is
+        # created now and used (then released) by the first pass rather than created twice
+        self._pending = {} if resident else {0: self._open(0)}
+        first = self.sessions[resident[0]] if resident else self._pending[0]
         self.provider, self.warnings = first.provider, list(first.warnings)
-        del first
 
     def _open(self, k: int) -> StageSession:
         part = self.parts[k]
@@ -68,7 +70,7 @@ class ChunkedUNet:
         k = self.parts.index(part)
         if k in self.sessions:
             return self.sessions[k].session.run(part["outputs"], feeds)
-        s = self._open(k)
+        s = self._pending.pop(k, None) or self._open(k)
         try:
             return s.session.run(part["outputs"], feeds)
         finally:
@@ -78,7 +80,3 @@ class ChunkedUNet:
     def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> np.ndarray:
         check_feeds("unet", self.graph, feeds, latent_multiple)
         return run_chunks(self._run_part, self.parts, feeds)
-
-    def close(self) -> None:
-        self.sessions.clear()
-        free_memory()

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import read_manifest, run_sdc
+from conftest import assert_cli_torch_free, read_manifest, run_sdc
 from sdc.errors import SdcError
 from sdc.runtime import GenerateOptions, run_pipeline
 from sdc.runtime.memory import parse_size
@@ -137,6 +137,15 @@ def test_chunked_streaming_equals_whole(chunked_tiny, builtin_build):
     a = np.asarray(whole.images[0], np.int16)
     b = np.asarray(streamed.images[0], np.int16)
     assert np.abs(a - b).max() <= 1  # chunk parity is ~1e-6 relative: at most one level
+
+
+def test_streamed_run_is_torch_free(chunked_tiny, tmp_path):
+    plans = candidate_plans(read_manifest(chunked_tiny), batch=1, cfg=True, width=64, height=64,
+                            steps=2, budget=1)
+    budget = min(p.peak for p in plans)
+    assert_cli_torch_free(["run", PROMPT, "-a", chunked_tiny, "--steps", "2", "--vram-budget",
+                           str(budget), "--out", tmp_path / "x.png"])
+    assert (tmp_path / "x.png").is_file()
 
 
 def _check_budgets(build, width: int) -> list[dict]:
