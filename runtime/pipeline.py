@@ -1,8 +1,10 @@
 """`sdc run` / `sdc.runtime.generate`: prompt -> images from a build, without torch.
 
-Stage order is the manifest's `pipeline` (text_encoder -> unet -> vae_decoder), one onnxruntime
-session alive at a time: each is created, used and released (`del` + gc + malloc_trim) before
-the next, so the process holds one graph's weights at once. Every input is validated before anything is loaded.
+Stage order is the manifest's `pipeline` (text_encoder -> unet -> vae_decoder), one stage alive at
+a time: each stage's session is created, used and released (`del` + gc + malloc_trim) before the
+next, so the process holds one graph's weights at once (a chunked UNet under a budget: the chunks
+the plan keeps resident plus one streamed; runtime/planner.py decides). Every input, and the
+budget, is checked before anything is loaded.
 
 Semantics follow diffusers' StableDiffusionPipeline so images match it given the same initial
 latents: negative prompt first in the CFG batch, guidance applied only when > 1, latents scaled
@@ -30,7 +32,7 @@ from .png import a1111_parameters
 MAX_STEPS = 1000
 MAX_BATCH = 64
 AUTO_TILE, AUTO_TILE_ABOVE = 32, 64  # latents
-MIN_TILE = 8  # latents: smaller VAE tiles cost far more halo than they save
+MIN_TILE = 8  # latents: the smallest VAE tile accepted (and planned)
 
 
 @dataclass
@@ -53,10 +55,10 @@ class GenerateOptions:
     verify: bool = True  # sha256 every artifact file before loading (False: sizes only)
     vae_tile: int | None = None  # latent tile for the VAE decode; 0 untiled; None: auto
     # (tiles of 32 above 64 latents, i.e. beyond SD1.x's native 512 px: exact tiles cost ~1.3x
-    # the untiled decode's time at 512 px and save a quarter of its peak, measured; the memory
-    # planner will choose tiles when a budget requires them)
+    # the untiled decode's time at 512 px and save a quarter of its peak, measured; under
+    # --vram-budget the planner chooses the tile)
     cfg_split: bool | None = None  # CFG halves as two UNet passes (half the activations);
-    # None: the planner decides (never without a budget)
+    # None: the planner decides
     vram_budget: int | str | None = None  # bytes or "4GiB": the planner keeps the run's peak
     # (device memory on CUDA, RSS above the baseline on CPU) under it, or refuses before running
     # LoRAs fused in numpy at session start (`PATH[:WEIGHT[:BLOCKS]]` strings or LoraSpec) and
@@ -74,7 +76,9 @@ class GenerateResult:
     warnings: list[str] = field(default_factory=list)
     artifacts: Path | None = None
     plan: object = None  # planner.Plan (None for builds without a memory profile)
-    memory: dict = field(default_factory=dict)  # baseline / measured peak / planned peak, bytes
+    # baseline / measured peak above it / planned peak / budget, bytes; measuring resets the
+    # process's VmHWM at the start of the run (runtime/memory.py)
+    memory: dict = field(default_factory=dict)
 
 
 def resolve_artifacts(artifacts: Path | str | None) -> Path:
