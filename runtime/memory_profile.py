@@ -106,7 +106,9 @@ def _whole(folder: Path, stage: str, graph: dict, model: dict, points: list[dict
 
 
 def _chunks(folder: Path, graph: dict, model: dict, lats: list[int]) -> list[dict]:
-    from .sessions import open_session
+    """Each chunk as the runtime streams it: created, run, released in turn along the chain, its
+    peak counted above the level before the chain (so the carried tensors are in it)."""
+    from .sessions import free_memory, open_session
     from .unet_chunks import run_chunks
 
     parts = graph["chunks"]["parts"]
@@ -131,8 +133,6 @@ def _chunks(folder: Path, graph: dict, model: dict, lats: list[int]) -> list[dic
                     "peak": (peak - chain.level) if chain.exact and peak else None,
                     "held": rss_bytes() - level})
                 del s
-                from .sessions import free_memory
-
                 free_memory()
                 reset_peak()
                 return outs
