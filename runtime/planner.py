@@ -98,7 +98,7 @@ class _Fit:
     """Least-squares line through a unit's measured points, floored by the points it dominates."""
 
     def __init__(self, points: list[dict], features, key: str):
-        self.features, self.key = features, key
+        self.features = features
         self.pts = [(np.array(features(p), float), float(p[key])) for p in points
                     if p.get(key) is not None]
         if not self.pts:

@@ -46,8 +46,6 @@ class ChunkedUNet:
         self.parts = graph["chunks"]["parts"]
         self.initializers = initializers or {}
         self.cuda_mem_limit = cuda_mem_limit
-        self.loads = 0
-        self.load_seconds = 0.0
         self.sessions: dict[int, StageSession] = {k: self._open(k) for k in resident}
         # the provider is what a created session reports: with nothing resident, chunk 1 is
         # created now and used (then released) by the first pass rather than created twice
@@ -57,14 +55,13 @@ class ChunkedUNet:
 
     def _open(self, k: int) -> StageSession:
         part = self.parts[k]
-        mine = {n: a for n, a in self.initializers.items() if n in set(part["initializers"])} \
-            if self.initializers else None
-        s = open_session(self.folder, "unet", self.graph, self.provider_choice,
-                         onnx_file=f"unet/{part['file']}", initializers=mine or None,
-                         prepack=False, cuda_mem_limit=self.cuda_mem_limit)
-        self.loads += 1
-        self.load_seconds += s.load_seconds
-        return s
+        mine = None
+        if self.initializers:  # swapped (LoRA) weights: hand each chunk only its own
+            names = set(part["initializers"])
+            mine = {n: a for n, a in self.initializers.items() if n in names} or None
+        return open_session(self.folder, "unet", self.graph, self.provider_choice,
+                            onnx_file=f"unet/{part['file']}", initializers=mine,
+                            prepack=False, cuda_mem_limit=self.cuda_mem_limit)
 
     def _run_part(self, part: dict, feeds: dict) -> list:
         k = self.parts.index(part)
