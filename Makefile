@@ -1,26 +1,78 @@
 # sdc developer entry points. Each target sets up .venv itself, so on a fresh machine
 # `make demo` and `make test` are each one command.
 #
-# torch is installed first and pinned: torch==2.13.0 is a CPU build on this project's machines;
-# an unpinned torch (or anything asking for one before it is installed) pulls a multi-GB CUDA build.
+# Every environment installs the exact versions the suite was run with, from the locks in
+# requirements/ (`make lock` regenerates them with uv from pyproject.toml + requirements/torch-cpu.txt).
+# torch is the CPU build pinned there: an unpinned torch pulls a multi-GB CUDA build.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SDC    := $(VENV)/bin/sdc
 STAMP  := $(VENV)/.sdc-installed
-TORCH  := torch==2.13.0
+LOCK   := requirements/dev.txt
+RT_LOCK := requirements/runtime.txt
+RT_VENV := .venv-runtime
+# Where the CPU torch wheel comes from: this project's machines keep it in /opt/wheels (pip's
+# find-links there already); elsewhere, PyTorch's CPU index.
+TORCH_SRC := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: venv demo test bench tiny-model clean
+.PHONY: venv venv-runtime runtime-check demo test test-latest lock bench tiny-model clean
 
-$(STAMP): pyproject.toml Makefile
+# The lock installs everything (torch first in its own call, so nothing can pull another torch),
+# then sdc itself without dependencies; `pip check` proves the set is consistent.
+$(STAMP): pyproject.toml Makefile $(LOCK) requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip==26.3
+	$(PY) -m pip install -q $(TORCH_SRC) -r requirements/torch-cpu.txt
+	$(PY) -m pip install -q $(TORCH_SRC) -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Edge-box environment from the runtime lock: no torch, no diffusers, no transformers.
+$(RT_VENV)/.sdc-installed: pyproject.toml Makefile $(RT_LOCK)
+	test -x $(RT_VENV)/bin/python || $(PYTHON) -m venv $(RT_VENV)
+	$(RT_VENV)/bin/python -m pip install -q --upgrade pip==26.3
+	$(RT_VENV)/bin/python -m pip install -q -r $(RT_LOCK)
+	$(RT_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(RT_VENV)/bin/python -m pip check
+	touch $@
+
+venv-runtime: $(RT_VENV)/.sdc-installed
+
+# The runtime lock works on its own: build sdc-tiny with .venv, generate with .venv-runtime.
+runtime-check: venv venv-runtime
+	$(SDC) build --precision fp32 --out artifacts/sdc-tiny-runtime-check --force
+	! $(RT_VENV)/bin/python -c 'import torch' 2>/dev/null
+	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check \
+	    --seed 0 --out outputs/runtime-check.png
+
+# Locks: uv resolves pyproject.toml's extras for this project's machines (CPython 3.11, x86-64
+# Linux) with the torch pin as a constraint. Run after changing dependencies in pyproject.toml,
+# then `make test` and commit requirements/*.txt. uv itself is pinned and lives in .venv-tools.
+UV_VENV := .venv-tools
+UV      := $(UV_VENV)/bin/uv
+UV_PIN  := uv==0.13.9 packaging==26.4
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	-c requirements/torch-cpu.txt $(TORCH_SRC) --custom-compile-command 'make lock'
+
+$(UV):
+	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install -q $(UV_PIN)
+
+lock: $(UV)
+	$(UV) pip compile -q pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK)
+	$(UV) pip compile -q pyproject.toml --extra runtime $(LOCK_FLAGS) -o $(RT_LOCK)
+
+# Opt-in drift check: the suite against the newest releases the registry serves today, upper
+# bounds in pyproject.toml lifted (requirements/unbounded.py), in its own .venv-latest. Writes
+# what moved and how the suite ended to bench/results/test-latest.txt; fails when the suite fails.
+LATEST_VENV := .venv-latest
+test-latest: $(UV)
+	bash requirements/test_latest.sh $(UV) $(LATEST_VENV) "$(LOCK_FLAGS)" "$(TORCH_SRC)"
 
 # Build the built-in sdc-tiny (CPU target: fp32), show the build, and draw the prompt it prints.
 DEMO_PROMPT ?= a red circle on a blue background
@@ -50,4 +102,4 @@ tiny-model: venv
 	$(PY) bench/tiny_eval.py export/data/sdc-tiny --record --grid docs/sdc-tiny-grid.png
 
 clean:
-	rm -rf artifacts/sdc-tiny-* .pytest_cache
+	rm -rf artifacts/sdc-tiny-* .pytest_cache $(RT_VENV) $(LATEST_VENV) $(UV_VENV)

@@ -49,7 +49,9 @@ def _diffusers_fused(base, adapters: list[tuple], te: bool = True) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from sdc.export.quiet import quiet_torch_stack
+    from sdc.training.stack import check_peft_stack
 
+    check_peft_stack("diffusers' load_lora_weights (the test oracle)")
     with quiet_torch_stack():
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
                                                        requires_safety_checker=False)

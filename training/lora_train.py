@@ -28,6 +28,7 @@ from ..export.quiet import quiet_torch_stack
 from ..export.sources import resolve_model
 from . import common
 from .config import LoraConfig
+from .stack import check_peft_stack
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_CONV = ["conv1", "conv2"]
@@ -60,6 +61,7 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
     t_start = time.perf_counter()
     out = Path(cfg.out)
     _check_out(out)
+    check_peft_stack()
     progress = progress or (lambda step, total, loss: None)
     from .data import check_trigger, read_folder
 
