@@ -57,15 +57,15 @@ UV_VENV := .venv-tools
 UV      := $(UV_VENV)/bin/uv
 UV_PIN  := uv==0.13.9 packaging==26.4
 LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-	-c requirements/torch-cpu.txt $(TORCH_SRC) --custom-compile-command 'make lock'
+	-c requirements/torch-cpu.txt $(TORCH_SRC)
 
 $(UV):
 	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
 	$(UV_VENV)/bin/python -m pip install -q $(UV_PIN)
 
 lock: $(UV)
-	$(UV) pip compile -q pyproject.toml --extra dev $(LOCK_FLAGS) -o $(LOCK)
-	$(UV) pip compile -q pyproject.toml --extra runtime $(LOCK_FLAGS) -o $(RT_LOCK)
+	$(UV) pip compile -q pyproject.toml --extra dev $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(LOCK)
+	$(UV) pip compile -q pyproject.toml --extra runtime $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(RT_LOCK)
 
 # Opt-in drift check: the suite against the newest releases the registry serves today, upper
 # bounds in pyproject.toml lifted (requirements/unbounded.py), in its own .venv-latest. Writes

@@ -6,9 +6,10 @@ Flow per component (text_encoder, unet, vae -> vae_decoder + vae_encoder):
 Only one component's torch weights are alive at a time and no torch module is alive while ORT
 runs, which bounds build memory by the biggest component (the UNet), not the sum.
 
-Output is written into `<parent>/.sdc-tmp-<name>-<pid>/`, the manifest last, and renamed onto the
-output directory only after every graph passed: an interrupted or failed build never leaves a
-directory with a manifest, and a previous good build at the same path survives a failed rebuild.
+Output is written into a private staging directory beside the output (runtime/store.py), the
+manifest last, and swapped onto the output directory only after every graph passed: an interrupted
+or failed build never leaves a directory with a manifest, a previous good build at the same path
+survives a failed rebuild, and a directory holding files sdc did not write is never replaced.
 Builds are cached by content key (model weights' hashes, options, versions): same key -> reuse.
 """
 
@@ -29,6 +30,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import SdcError
 from ..runtime import manifest as mf
+from ..runtime import store
 from .memory import process_peak_rss_bytes
 from .specs import GRAPH_SPECS, STAGES, ModelDims
 
@@ -37,7 +39,6 @@ PRECISIONS = ("fp16", "fp32")
 # 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
 BUILD_LAYOUT = 3
 TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
-TMP_PREFIX = ".sdc-tmp-"
 
 
 @dataclass
@@ -95,13 +96,24 @@ def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _check_out(out: Path) -> None:
-    """Refuse outputs we must not overwrite, before spending minutes exporting."""
+def check_out(out: Path) -> list[str]:
+    """Refuse outputs we must not overwrite, before spending minutes exporting. Returns the files
+    the existing build at `out` lists (what a swap may replace), [] for a new directory."""
+    if out.is_symlink():
+        raise SdcError(f"--out {out} is a symlink; give the real directory path (sdc replaces the "
+                       "directory it names, and will not follow a link to somewhere else)")
     if out.exists() and not out.is_dir():
         raise SdcError(f"--out {out} is a file; expected a directory path for the build")
-    if out.is_dir() and any(out.iterdir()) and not mf.is_sdc_build(out):
-        raise SdcError(f"--out {out} holds files that are not an sdc build; choose an empty or new "
-                       "directory (sdc only replaces its own builds)")
+    listed: list[str] = []
+    if out.is_dir() and any(out.iterdir()):
+        if not mf.is_sdc_build(out):
+            raise SdcError(f"--out {out} holds files that are not an sdc build; choose an empty or "
+                           "new directory (sdc only replaces its own builds)")
+        try:
+            listed = list(mf.load_manifest(out)["files"])
+        except SdcError:
+            listed = []  # unreadable manifest: everything but manifest.json counts as foreign
+        store.refuse_foreign(out, listed)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -110,32 +122,26 @@ def _check_out(out: Path) -> None:
                        "writable location") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SdcError(f"--out {out}: {parent} is not writable; choose a writable location")
+    return listed
 
 
-def _reusable(out: Path, key: str) -> dict | None:
+def reusable(out: Path, key: str, log: Callable[[str], None]) -> dict | None:
+    """The build at `out` when its key matches and every file still hashes to its manifest entry
+    ("up to date" is never taken on trust: a tampered build is rebuilt, and says so)."""
     if not mf.is_sdc_build(out):
         return None
     try:
         manifest = mf.load_manifest(out)
     except SdcError:
         return None
-    if manifest.get("build_key") != key or mf.verify_files(out, manifest, hashes=False):
+    if manifest.get("build_key") != key:
+        return None
+    problems = mf.verify_files(out, manifest, hashes=True)
+    if problems:
+        log(f"{out}: same build key but {len(problems)} file(s) no longer match its manifest "
+            f"({problems[0]}); rebuilding")
         return None
     return manifest
-
-
-def _clean_stale_tmp(parent: Path) -> None:
-    """Remove temp dirs of builds whose process is gone (killed builds leave them behind)."""
-    for d in parent.glob(f"{TMP_PREFIX}*"):
-        try:
-            pid = int(d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
@@ -417,7 +423,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     try:
         out = Path(opts.out) if opts.out else default_out(opts, source.name, opts.loras)
         out = out.absolute()
-        _check_out(out)
+        listed = check_out(out)
         if source.builtin:
             log(f"model: {source.name} — {source.note}")
         else:
@@ -429,20 +435,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         key = build_key(source_hash, opts, versions,
                         [{"sha256": a.sha256, "weight": s.weight, "blocks": s.blocks}
                          for a, s in adapters], embeddings)
-        if not opts.force and (manifest := _reusable(out, key)):
-            log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
+        if not opts.force and (manifest := reusable(out, key, log)):
+            log(f"up to date: {out} (build key {key[:12]}, every file hashed); --force rebuilds")
             return BuildResult(out, manifest, reused=True)
-        _clean_stale_tmp(out.parent)
-        tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with store.staging(out) as tmp:
             manifest = _build_into(tmp, source, source_hash, key, versions, opts, log, t_start,
                                    adapters, embeddings)
             _check_cancel(opts)
-            _move_into_place(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            store.commit(tmp, out, listed)
         log(f"wrote {out} in {manifest['build']['seconds']:.1f} s, peak RSS "
             f"{manifest['build']['peak_rss_bytes'] / 2**30:.2f} GiB")
         return BuildResult(out, manifest, reused=False)
@@ -512,19 +512,3 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
     }
     mf.write_manifest(tmp, manifest)
     return manifest
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished build onto `out`; an old sdc build there is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f"{TMP_PREFIX}old-{out.name}-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SdcError
+from ..fusion.safetensors_file import read_safetensors
 from ..runtime.manifest import sha256_file
 from .specs import ModelDims
 from .tiny_model import SD15_CONFIGS
@@ -46,27 +46,14 @@ LDM_PREFIXES = {
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """The safetensors header {name: {dtype, shape, data_offsets}}; refuses truncated files."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SdcError(f"{path}: not a safetensors file ({size} bytes, expected an 8-byte "
-                           "header length first); re-download or re-save it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise SdcError(f"{path}: truncated or not a safetensors file (header claims {n} bytes, "
-                           f"file has {size}); re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SdcError(f"{path}: not a safetensors file (header is not JSON); re-download it")
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + n + end > size:
-        raise SdcError(f"{path}: truncated safetensors file (tensors need {8 + n + end} bytes, "
-                       f"file has {size}); re-download or re-copy it")
-    return header
+    """The validated header {name: {dtype, shape, data_offsets}}, from sdc's one safetensors
+    parser (fusion/safetensors_file.py): malformed, truncated or empty files are refused there."""
+    return read_safetensors(path).entries
+
+
+# A CompVis/A1111 .ckpt nests its weights as {"state_dict": {...}}, sometimes twice; more than this
+# is no checkpoint, and a pickle can make the dict its own state_dict (an endless unwrap).
+MAX_STATE_DICT_NESTING = 4
 
 
 def _load_pickled_weights(path: Path) -> dict:
@@ -81,19 +68,38 @@ def _load_pickled_weights(path: Path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SdcError(f"{path}: cannot be read as a weights-only checkpoint ({first[:160]}); "
                        "sdc never unpickles code, convert it to .safetensors") from None
+    seen: set[int] = set()  # ids of the dicts unwrapped so far: a cycle is caught at once
     while isinstance(sd, dict) and "state_dict" in sd:
+        if id(sd) in seen or len(seen) >= MAX_STATE_DICT_NESTING:
+            raise SdcError(f"{path}: its state_dict "
+                           + ("contains itself" if id(sd) in seen else
+                              f"is nested more than {MAX_STATE_DICT_NESTING} levels deep")
+                           + "; expected {'state_dict': {name: tensor}} or {name: tensor}")
+        seen.add(id(sd))
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise SdcError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    if not sd:
+        raise SdcError(f"{path}: the checkpoint holds no tensors (an empty state_dict); expected "
+                       "a full SD1.x checkpoint")
+    for key, value in sd.items():
+        # everything downstream (family detection, diffusers' converters) assumes name -> tensor
+        if not isinstance(key, str):
+            raise SdcError(f"{path}: state_dict key {str(key)[:80]!r} is {type(key).__name__}, "
+                           "expected string names; is it a plain weights checkpoint?")
+        if not isinstance(value, torch.Tensor):
+            raise SdcError(f"{path}: state_dict entry {key[:80]!r} is {type(value).__name__}, "
+                           "not a tensor; expected a plain name -> tensor checkpoint (is it a "
+                           "training-state file?)")
     return sd
 
 
 def _shapes_of(path: Path) -> tuple[dict[str, list[int]], dict | None]:
     """Key -> shape for a single-file checkpoint, plus the loaded dict for pickles (else None)."""
-    if path.suffix == ".safetensors":
-        return {k: v["shape"] for k, v in read_safetensors_header(path).items()}, None
+    if path.suffix.lower() == ".safetensors":
+        return read_safetensors(path).shapes(), None
     sd = _load_pickled_weights(path)
-    return {k: list(v.shape) for k, v in sd.items() if hasattr(v, "shape")}, sd
+    return {k: list(v.shape) for k, v in sd.items()}, sd
 
 
 def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
@@ -135,20 +141,43 @@ def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
     return "sd1"
 
 
+def _read_config(path: Path, folder: Path) -> dict:
+    """A diffusers JSON config as a dict; one line when it is not one (a hand-edited or truncated
+    download), instead of a traceback from json or from whoever reads it next."""
+    try:
+        if path.stat().st_size > 16 * 2**20:  # real configs are a few kB
+            raise ValueError(f"{path.stat().st_size} bytes")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise SdcError(f"{folder}: {path.relative_to(folder)} is not a readable JSON config "
+                       f"({str(e)[:60]}); restore it from the model's original download") from None
+    if not isinstance(data, dict):
+        raise SdcError(f"{folder}: {path.relative_to(folder)} holds a JSON {type(data).__name__}, "
+                       "expected an object; restore it from the model's original download")
+    return data
+
+
 def detect_diffusers_family(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
+    index = _read_config(folder / "model_index.json", folder)
     cls = index.get("_class_name", "?")
+    if (folder / "manifest.json").is_file():
+        raise SdcError(f"{folder}: an sdc build, not a model to build from; to fuse LoRAs into it "
+                       f"use `sdc build --from {folder} --lora ...`, to run it `sdc run -a {folder}`")
+    onnx_graphs = list(folder.glob("*/model.onnx"))
+    if onnx_graphs or cls in ("OnnxStableDiffusionPipeline", "ORTStableDiffusionPipeline"):
+        raise SdcError(f"{folder}: an ONNX export by another tool ({cls}, {len(onnx_graphs)} graphs), "
+                       "not PyTorch weights; sdc builds from the original diffusers folder or "
+                       "single-file checkpoint — pass that instead")
     if "XL" in cls:
         raise SdcError(f"{folder}: SDXL pipeline ({cls}); sdc builds SD1.x only for now")
-    if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                   "OnnxStableDiffusionPipeline", "ORTStableDiffusionPipeline"):
+    if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
         raise SdcError(f"{folder}: model_index.json names {cls}, expected StableDiffusionPipeline "
                        "(SD1.x)")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").is_file():
             raise SdcError(f"{folder}: missing {part}/config.json; expected a diffusers SD1.x folder "
                            "with unet/, vae/, text_encoder/")
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet = _read_config(folder / "unet" / "config.json", folder)
     if unet.get("cross_attention_dim") == 1024:
         raise SdcError(f"{folder}: SD2.x model (cross_attention_dim 1024); sdc builds SD1.x only for now")
     if unet.get("in_channels", 4) != 4:
@@ -244,11 +273,11 @@ class ModelSource:
         )
 
     def configs(self) -> dict:
-        return {p: json.loads((self.config_dir / p / "config.json").read_text())
+        return {p: _read_config(self.config_dir / p / "config.json", self.config_dir)
                 for p in ("unet", "vae", "text_encoder")}
 
     def scheduler_config(self) -> dict:
-        return json.loads((self.config_dir / "scheduler" / "scheduler_config.json").read_text())
+        return _read_config(self.config_dir / "scheduler" / "scheduler_config.json", self.config_dir)
 
     def tokenizer_dir(self) -> Path:
         own = self.config_dir / "tokenizer"

@@ -6,6 +6,9 @@ dim]}`, `name`), and diffusers `learned_embeds` (`{token: [dim] or [n, dim]}`, .
 .bin). A multi-vector embedding becomes n tokens `TOKEN`, `TOKEN_1`, ..., `TOKEN_{n-1}`, and the
 runtime expands `TOKEN` in a prompt into all n, as diffusers' `load_textual_inversion` +
 `maybe_convert_prompt` do. SDXL embeddings (`clip_l` / `clip_g`) are refused by name.
+An embedding is untrusted input: it must hold at least one finite float vector of width >= 1
+(checked here) whose width is the text encoder's (checked by the caller); .pt files are unpickled
+weights-only and must be plain dicts of tensors. Anything else is one SdcError line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from ..errors import SdcError
 from ..runtime.manifest import sha256_file
-from .safetensors_file import read_safetensors
+from .safetensors_file import quote, read_safetensors
 
 
 @dataclass
@@ -51,61 +54,90 @@ def parse_embedding_arg(text: str) -> tuple[Path, str | None]:
 
 
 def read_embedding(path: Path, token: str | None = None) -> Embedding:
+    """Read and check one embedding file; every malformed file is one SdcError line. The vector
+    width is checked against the text encoder by the caller (plan_embeddings), which knows it."""
     path = Path(path)
+    label = f"--embedding {path}"
     if not path.is_file():
-        raise SdcError(f"--embedding {path}: no such file; expected a textual-inversion embedding")
+        raise SdcError(f"{label}: no such file; expected a textual-inversion embedding")
     if path.suffix.lower() == ".safetensors":
-        st = read_safetensors(path)
+        st = read_safetensors(path, label, allow_empty=True)
         tensors = {k: st.tensor(k) for k in st.keys()}
         meta_name = st.metadata.get("name")
     elif path.suffix.lower() in (".pt", ".bin"):
-        tensors, meta_name = _read_torch_file(path)
+        tensors, meta_name = _read_torch_file(path, label)
     else:
-        raise SdcError(f"--embedding {path}: expected .safetensors, .pt or .bin, found "
+        raise SdcError(f"{label}: expected .safetensors, .pt or .bin, found "
                        f"{path.suffix or 'no extension'}")
+    if not tensors:
+        raise SdcError(f"{label}: the file holds no tensors; expected an embedding's vectors")
     if any(k in tensors for k in ("clip_l", "clip_g")):
-        raise SdcError(f"--embedding {path}: an SDXL embedding (clip_l/clip_g); sdc builds SD1.x")
+        raise SdcError(f"{label}: an SDXL embedding (clip_l/clip_g); sdc builds SD1.x")
     if "emb_params" in tensors:
-        fmt, vectors, default = "a1111", tensors["emb_params"], meta_name or path.stem
+        fmt, key, default = "a1111", "emb_params", meta_name or path.stem
     elif "string_to_param" in tensors:
-        fmt, vectors, default = "a1111", tensors["string_to_param"], meta_name or path.stem
+        fmt, key, default = "a1111", "string_to_param", meta_name or path.stem
     elif len(tensors) == 1:
-        (name, vectors), = tensors.items()
-        fmt, default = "diffusers", name
+        (key,) = tensors
+        fmt, default = "diffusers", key
     else:
-        raise SdcError(f"--embedding {path}: unrecognised layout (keys {sorted(tensors)[:4]}); "
+        raise SdcError(f"{label}: unrecognised layout (keys "
+                       f"{', '.join(quote(k) for k in sorted(tensors)[:4])}); "
                        "expected emb_params, string_to_param or one learned_embeds entry")
+    vectors = tensors[key]
+    if not np.issubdtype(vectors.dtype, np.floating):
+        # an integer or bool "embedding" would be cast to float silently: never a real one
+        raise SdcError(f"{label}: {key} holds {vectors.dtype} values; expected float vectors")
     vectors = np.asarray(vectors, np.float32)
     if vectors.ndim == 1:
         vectors = vectors[None]
-    if vectors.ndim != 2 or not len(vectors):
-        raise SdcError(f"--embedding {path}: vectors of shape {list(vectors.shape)}; expected "
-                       "[n, dim]")
+    if vectors.ndim != 2 or 0 in vectors.shape:
+        raise SdcError(f"{label}: {key} has shape {list(tensors[key].shape)}; expected [n, dim] "
+                       "(or [dim]) with at least one vector of width >= 1")
     if not np.isfinite(vectors).all():
-        raise SdcError(f"--embedding {path}: contains NaN or Inf")
+        raise SdcError(f"{label}: contains NaN or Inf")
     token = token or default
     if not token or re.search(r"\s", token):
-        raise SdcError(f"--embedding {path}: token {token!r} must be one word; pass PATH:TOKEN")
+        raise SdcError(f"{label}: token {quote(token)} must be one word; pass PATH:TOKEN")
     return Embedding(path, sha256_file(path), token, vectors, fmt)
 
 
-def _read_torch_file(path: Path) -> tuple[dict, str | None]:
+def _read_torch_file(path: Path, label: str) -> tuple[dict, str | None]:
     try:
         import torch
     except ImportError:
-        raise SdcError(f"--embedding {path}: .pt/.bin files need torch; convert to "
+        raise SdcError(f"{label}: .pt/.bin files need torch; convert to "
                        ".safetensors for the runtime-only install") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        raise SdcError(f"--embedding {path}: cannot read it weights-only "
-                       f"({str(e).splitlines()[0][:120]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
-        params = list(obj["string_to_param"].values())
-        return {"string_to_param": params[0].float().numpy()}, obj.get("name")
-    if isinstance(obj, dict) and all(hasattr(v, "numpy") for v in obj.values()):
-        return {k: v.float().numpy() for k, v in obj.items()}, None
-    raise SdcError(f"--embedding {path}: unrecognised .pt layout")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SdcError(f"{label}: cannot read it weights-only ({first[:120]})") from None
+    if not isinstance(obj, dict):
+        raise SdcError(f"{label}: unrecognised .pt layout (a {type(obj).__name__}); expected "
+                       "a dict with string_to_param, or {token: tensor}")
+
+    def as_numpy(key, v) -> np.ndarray:
+        if not isinstance(v, torch.Tensor):
+            raise SdcError(f"{label}: {quote(str(key))} is {type(v).__name__}, expected a tensor")
+        # floats widened for numpy (which has no bf16); others kept so the dtype check names them
+        return v.detach().float().numpy() if v.is_floating_point() else v.detach().numpy()
+
+    name = obj.get("name")
+    if name is not None and not isinstance(name, str):
+        raise SdcError(f"{label}: its name is {type(name).__name__}, expected a string")
+    if "string_to_param" in obj:
+        params = obj["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise SdcError(f"{label}: string_to_param should map one placeholder to its vectors; "
+                           f"found {type(params).__name__} of "
+                           f"{len(params) if hasattr(params, '__len__') else '?'} entries")
+        (value,) = params.values()
+        return {"string_to_param": as_numpy("string_to_param", value)}, name
+    if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return {k: as_numpy(k, v) for k, v in obj.items()}, None
+    raise SdcError(f"{label}: unrecognised .pt layout (keys {sorted(map(str, obj))[:4]}); "
+                   "expected string_to_param or {token: tensor}")
 
 
 def expand_prompt(text: str, embeddings: list[dict]) -> str:

@@ -131,13 +131,19 @@ def fuse_param(name: str, base: np.ndarray, terms: list[tuple[float, LoraLayer]]
         per_source[layer.source] = max(per_source.get(layer.source, 0.0),
                                        float(np.abs(delta).max()))
         w += delta
-    dtype = np.dtype(dtype)
+    check_fused(name, w, dtype)
+    return w.astype(dtype), per_source
+
+
+def check_fused(name: str, w: np.ndarray, dtype) -> None:
+    """Refuse a fused weight that `dtype` cannot hold: NaN/Inf always, |W'| > 65504 for fp16 (the
+    cast would turn it into inf and the graph would give NaN images). Every apply path calls this
+    with the dtype the weight ends up in, so an overflowing LoRA fails the same way on each."""
     if not np.isfinite(w).all():
         raise SdcError(f"fusing LoRA into {name} gives NaN/Inf; lower the LoRA weight")
-    if dtype == np.float16 and np.abs(w).max() > FP16_MAX:
+    if np.dtype(dtype) == np.float16 and np.abs(w).max() > FP16_MAX:
         raise SdcError(f"fusing LoRA into {name} gives |W| = {np.abs(w).max():.4g} > 65504, out of "
                        "fp16 range; lower the LoRA weight or build --precision fp32")
-    return w.astype(dtype), per_source
 
 
 def report(adapters: list[tuple[LoraFile, LoraSpec]], max_delta: dict[str, float]) -> list[dict]:

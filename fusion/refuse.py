@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..errors import SdcError
 from ..runtime import manifest as mf
+from ..runtime import store
 from .artifact import fusion_jobs, load_adapters, known_modules, write_fused_copies
 from .fuse import plan, report
 from .fuse import LoraSpec
@@ -34,7 +35,7 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
            artifacts_root: Path = Path("artifacts"),
            log: Callable[[str], None] = print) -> tuple[Path, dict, bool]:
     """Returns (output folder, manifest, reused)."""
-    from ..export.build import TMP_PREFIX, _check_out, _clean_stale_tmp, _move_into_place
+    from ..export.build import check_out
     from ..export.memory import process_peak_rss_bytes
 
     t0 = time.perf_counter()
@@ -42,7 +43,8 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
     if not specs:
         raise SdcError("--from needs at least one --lora to fuse")
     base = mf.load_manifest(from_dir)
-    problems = mf.verify_files(from_dir, base, hashes=False)
+    # Every byte is hashed: a tampered base re-hashed into a new build would verify clean there.
+    problems = mf.verify_files(from_dir, base, hashes=True)
     if problems:
         raise SdcError(f"--from {from_dir}: {len(problems)} file(s) do not match its manifest "
                        f"({problems[0]}); rebuild it first")
@@ -52,7 +54,7 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
     out = Path(out or artifacts_root / f"{names}-{base['precision']}").absolute()
     if out == from_dir:
         raise SdcError("--out must differ from --from: the base build stays as it is")
-    _check_out(out)
+    listed = check_out(out)
     key = hashlib.sha256(json.dumps(
         {"base": base["build_key"], "loras": [[lo.sha256, s.weight, s.blocks]
                                               for lo, s in adapters]}, sort_keys=True).encode()).hexdigest()
@@ -61,18 +63,14 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
             old = mf.load_manifest(out)
         except SdcError:
             old = None
-        if old and old.get("build_key") == key and not mf.verify_files(out, old, hashes=False):
+        if old and old.get("build_key") == key and not mf.verify_files(out, old, hashes=True):
             log(f"up to date: {out} (build key {key[:12]}); --force rebuilds")
             return out, old, True
     patched = {f"{j.stage}/{base['graphs'][j.stage]['weights']['data_file']}" for j in jobs}
-    _clean_stale_tmp(out.parent)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with store.staging(out) as tmp:
         manifest = copy.deepcopy(base)
         for rel in base["files"]:
-            src, dst = from_dir / rel, tmp / rel
+            src, dst = mf.contained(from_dir, rel, "manifest files entry"), tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if rel not in patched:
                 try:
@@ -93,9 +91,7 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
             build={"seconds": round(time.perf_counter() - t0, 2),
                    "peak_rss_bytes": process_peak_rss_bytes()})
         mf.write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        store.commit(tmp, out, listed)
     log(f"wrote {out} in {manifest['build']['seconds']:.1f} s (re-fused from {from_dir.name}, "
         "no torch)")
     return out, manifest, False

@@ -4,7 +4,7 @@ reference includes the adapters. The arithmetic is fuse.py's, on the module's ow
 
 from __future__ import annotations
 
-from .fuse import Applied, fuse_param
+from .fuse import Applied, check_fused, fuse_param
 from .lora import COMPONENTS
 
 
@@ -71,7 +71,8 @@ class TorchFusion:
     def __init__(self, applied: Applied, embeddings: list[dict] | None = None, keep: bool = True):
         self.applied = applied
         # keep the fused fp32 weights for a later fp16 reload; an fp32 build has none, and the
-        # copies cost memory (a rank-32 LoRA on every UNet conv: 4.3 -> 6.5 GiB build peak)
+        # copies cost memory (a rank-32 LoRA on every UNet conv: 4.3 -> 6.5 GiB build peak).
+        # keep=True is what an fp16 build passes, so it also means "check the fp16 range".
         self.keep = keep
         self.embeddings = embeddings or []
         self.cache: dict[tuple[str, str], object] = {}
@@ -92,6 +93,10 @@ class TorchFusion:
                     raise AssertionError("LoRAs are fused from the fp32 load first")
                 fused, deltas = fuse_param(f"{component} {name}", p.detach().numpy(),
                                            self.applied.terms[key], "float32")
+                if self.keep:
+                    # the fp16 graphs get these values cast to fp16: refuse now what fp16 cannot
+                    # hold (the check re-fuse and run-time swap make), before any export
+                    check_fused(f"{component} {name}", fused, "float16")
                 for source, d in deltas.items():
                     self.max_delta[source] = max(self.max_delta.get(source, 0.0), d)
                 with torch.no_grad():

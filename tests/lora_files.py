@@ -25,7 +25,9 @@ def make_peft_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: float
     from peft.utils import get_peft_model_state_dict
 
     from sdc.export.quiet import quiet_torch_stack
+    from sdc.training.stack import check_peft_stack
 
+    check_peft_stack("peft adapters on diffusers models (the tests' LoRA files)")
     torch.manual_seed(seed)
     with quiet_torch_stack():
         pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,

@@ -99,7 +99,8 @@ def test_peft_stack_check_speaks_one_line(monkeypatch):
     from sdc.errors import SdcError
     from sdc.training import stack
 
-    stack.check_peft_stack()  # the locked set is consistent: no error
+    if os.environ.get("SDC_TEST_LATEST") != "1":
+        stack.check_peft_stack()  # the locked set is consistent: no error
     # transformers 5.24 with peft 0.21.2 (what the registry served on 2026-12-01):
     monkeypatch.setattr(stack, "required_peft", lambda: "0.22.0")
     monkeypatch.setattr(stack, "installed", {"peft": "0.21.2", "transformers": "5.24.0"}.get)

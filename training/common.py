@@ -185,12 +185,28 @@ def diffusion_loss(unet, prep: Prepared, x0, t, eps, cond):
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
+def diverged(cfg: CommonConfig, step: int, what: str, advice: str | None) -> SdcError:
+    """The one-line error for a run that blew up at `step` (0-based): nothing is written (the
+    caller raises before any output; earlier checkpoints were taken from finite weights)."""
+    advice = advice or f"lower --lr (now {cfg.lr:g})"
+    return SdcError(f"training diverged at step {step + 1} of {cfg.steps}: {what}; {advice} and "
+                    f"train again; {cfg.out} was not written")
+
+
 def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: list,
-               condition: Callable, scaler=None) -> float:
+               condition: Callable, scaler=None, advice: str | None = None,
+               start: int = 0) -> float:
     """One optimiser step, shared by LoRA and embedding training: the step's learning rate,
     `grad_accum` micro-batches (each drawn from its own seeded generator, so a resumed run draws
     what an uninterrupted one would), gradient clipping at 1.0, the (scaled) step; returns the
-    step's loss. `condition(idx)` gives the text states of the drawn items."""
+    step's loss. `condition(idx)` gives the text states of the drawn items.
+
+    A NaN/inf loss, or (without a loss scaler) a NaN/inf gradient norm, stops the run with
+    `diverged` before the optimizer steps: clip_grad_norm_ of an inf norm scales every gradient
+    by 0 (the run would silently stop learning) and a NaN one poisons every weight, which would
+    then be written out. With fp16 loss scaling inf gradients are the scaler's business: it
+    skips that step and lowers the scale. `start` is the run's first step: a NaN loss there
+    comes before any update of this run, so no learning rate is to blame but the model."""
     import torch
 
     for group in opt.param_groups:
@@ -200,11 +216,23 @@ def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: 
         g = step_generator(cfg.seed, step, micro)
         idx, x0, t, eps = draw(prep, cfg.batch_size, g)
         loss = diffusion_loss(unet, prep, x0, t, eps, condition(idx)) / cfg.grad_accum
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            opt.zero_grad(set_to_none=True)
+            if step == start:  # the trainable weights are still their (finite) starting values
+                raise SdcError(f"the loss is {value} at step {step + 1}, before any update of "
+                               f"this run: the base model {prep.source.name} (or the checkpoint "
+                               "resumed from) gives NaN/inf; check the model files (an fp16 merge "
+                               f"can overflow); {cfg.out} was not written")
+            raise diverged(cfg, step, f"the loss is {value}", advice)
         (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += float(loss.detach())
+        step_loss += value
     if scaler:
         scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    if scaler is None and not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise diverged(cfg, step, f"the gradient norm is {norm}", advice)
     if scaler:
         scaler.step(opt)
         scaler.update()
@@ -338,6 +366,19 @@ def grid(images: list, columns: int):
     for i, im in enumerate(images):
         out.paste(im, ((i % columns) * w, (i // columns) * h))
     return out
+
+
+def check_finite(tensors: dict, cfg: CommonConfig, what: str) -> None:
+    """Refuse to write trained weights holding NaN/inf (a file like that loads everywhere and
+    then draws black or noise images). train_step stops a diverging run before its weights go
+    bad; this is the last guard before any file is written."""
+    import torch
+
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise SdcError(f"the trained {what} {name} holds NaN/inf values; training diverged: "
+                           f"lower --lr (it is {cfg.lr:g}) and train again; {cfg.out} was not "
+                           "written")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

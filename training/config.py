@@ -7,7 +7,10 @@ config file). Every value is checked here, before any model loads.
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -70,19 +73,98 @@ class EmbeddingConfig(CommonConfig):
     optimizer: str = "adamw"
 
 
+PATH_SETTINGS = ("model", "data", "out", "reg_data", "cache_dir")  # str or os.PathLike
+
+
 def _read_file(path: Path) -> dict:
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+    if path.suffix.lower() in (".yaml", ".yml"):
+        # read as TOML it would fail with a TOML parse error that hides the real problem
+        raise SdcError(f"--config {path}: YAML is not read; write the settings as TOML "
+                       "(key = value) or JSON, e.g. the output of --print-config")
     try:
         text = path.read_text()
     except OSError as e:
-        raise SdcError(f"--config {path}: cannot read it ({e.strerror})") from None
+        raise SdcError(f"--config {path}: cannot read it ({e.strerror}); check the path") from None
     try:
-        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise SdcError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}"
-                       f" ({e}); fix the file") from None
+        raw = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SdcError(f"--config {path}: not valid {kind} ({e}); fix the file") from None
     if not isinstance(raw, dict):
-        raise SdcError(f"--config {path}: expected a table of settings, found {type(raw).__name__}")
-    return {k.replace("-", "_"): v for k, v in raw.items()}
+        raise SdcError(f"--config {path}: expected a table of settings, found "
+                       f"{_kind_of(raw)}; write key = value pairs (or a JSON object)")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def _kind_of(value) -> str:
+    """A value's type in the words of a config file (TOML/JSON), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a non-finite number" if not math.isfinite(value) else "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _type_ok(value, kind: str, name: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":  # bool is an int subclass in Python: `steps = true` must not be 1
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":  # no setting here means anything at inf or nan
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if kind == "str":
+        return isinstance(value, str) or (name in PATH_SETTINGS and isinstance(value, os.PathLike))
+    raise AssertionError(f"config field {name}: unhandled type {kind}")
+
+
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+             "str": "a string"}
+
+
+def _where(name: str, value, config_file, from_file: set) -> str:
+    """How the user wrote the setting: as a key of the config file or as a flag."""
+    # as the file would spell it where Python's repr differs (true, null)
+    if value is None or isinstance(value, bool):
+        shown = "null" if value is None else str(value).lower()
+    else:
+        shown = repr(value)
+    if len(shown) > 60:  # a whole list or table pasted into one key: enough to recognise it
+        shown = shown[:57] + "..."
+    if name in from_file:
+        return f"--config {config_file}: {name} = {shown}"
+    return f"--{name.replace('_', '-')} {shown}"
+
+
+def _check_types(cls, merged: dict, config_file, from_file: set) -> None:
+    """Every value has its field's type, checked against the dataclass annotations (so a new
+    setting is covered without a new line here), before any range check or model load: a config
+    file can hold anything (`steps = "ten"`, `rank = 2.5`, a list), which would otherwise fail deep
+    inside training, or worse, be taken (`flip = "no"` is truthy)."""
+    for f in fields(cls):
+        if f.name not in merged:
+            continue
+        value = merged[f.name]
+        parts = [p.strip() for p in str(f.type).split("|")]
+        nullable = "None" in parts
+        (kind,) = [p for p in parts if p != "None"]
+        if value is None and nullable:
+            continue
+        if not _type_ok(value, kind, f.name):
+            fix = "fix it in the file" if f.name in from_file else "give another value"
+            raise SdcError(f"{_where(f.name, value, config_file, from_file)}: expected "
+                           f"{_EXPECTED[kind]}{' (or leave it out)' if nullable else ''}, found "
+                           f"{_kind_of(value)}; {fix}")
 
 
 def resolve(cls, config_file: str | Path | None, flags: dict, complete: bool = True):
@@ -90,60 +172,85 @@ def resolve(cls, config_file: str | Path | None, flags: dict, complete: bool = T
     `complete=False` (for --print-config) skips the checks for required settings."""
     known = {f.name: f for f in fields(cls)}
     merged = {}
+    from_file: set = set()
     if config_file:
-        from_file = _read_file(Path(config_file))
-        unknown = sorted(set(from_file) - set(known))
+        from_file_values = _read_file(Path(config_file))
+        unknown = sorted(set(from_file_values) - set(known))
         if unknown:
-            raise SdcError(f"--config {config_file}: unknown setting(s) {', '.join(unknown)}; "
-                           f"expected some of {', '.join(known)}")
-        merged.update(from_file)
-    merged.update({k: v for k, v in flags.items() if v is not None})
+            near = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.75)
+            raise SdcError(f"--config {config_file}: unknown setting(s) {', '.join(unknown)}"
+                           + (f" (did you mean {near[0]}?)" if near else "")
+                           + f"; expected some of {', '.join(known)}")
+        merged.update(from_file_values)
+        from_file = set(from_file_values)
+    given = {k: v for k, v in flags.items() if v is not None}
+    merged.update(given)
+    from_file -= set(given)  # a flag overrides the file: errors then name the flag
+    _check_types(cls, merged, config_file, from_file)
+    merged = {k: (os.fspath(v) if k in PATH_SETTINGS and isinstance(v, os.PathLike) else v)
+              for k, v in merged.items()}
     cfg = cls(**merged)
-    check(cfg, complete)
+    check(cfg, complete, config_file, from_file)
     return cfg
 
 
-def _fail(name: str, value, expected: str):
-    raise SdcError(f"--{name.replace('_', '-')} {value!r}: expected {expected}")
+def check(cfg: CommonConfig, complete: bool = True, config_file=None,
+          from_file: set | None = None) -> None:
+    """The values' ranges (their types are `_check_types`'s); a failure names the setting as the
+    user wrote it, flag or config-file key."""
+    from_file = from_file or set()
 
+    def fail(name: str, expected: str):
+        value = getattr(cfg, name)
+        fix = "; fix it in the file" if name in from_file else ""
+        raise SdcError(f"{_where(name, value, config_file, from_file)}: expected {expected}{fix}")
 
-def check(cfg: CommonConfig, complete: bool = True) -> None:
     for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0),
                      ("crops", 1), ("checkpoint_every", 0), ("validate_every", 0),
                      ("validation_steps", 1), ("seed", 0)):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            _fail(name, v, f"an integer >= {lo}")
-    if not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < 1):
-        _fail("lr", cfg.lr, "a learning rate in (0, 1), e.g. 1e-4")
+            fail(name, f"an integer >= {lo}")
+    if not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < 1):  # also refuses nan and inf
+        fail("lr", "a learning rate in (0, 1), e.g. 1e-4")
     for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                           ("mixed_precision", PRECISIONS), ("crop", CROPS)):
         if getattr(cfg, name) not in allowed:
-            _fail(name, getattr(cfg, name), "one of " + ", ".join(allowed))
+            fail(name, "one of " + ", ".join(allowed))
     if cfg.resolution is not None and (not isinstance(cfg.resolution, int) or cfg.resolution < 8):
-        _fail("resolution", cfg.resolution, "a size in pixels >= 8")
+        fail("resolution", "a size in pixels >= 8")
+    if cfg.validation_guidance is not None and not (math.isfinite(cfg.validation_guidance)
+                                                    and cfg.validation_guidance >= 0):
+        fail("validation_guidance", "a finite number >= 0, e.g. 7.5")
     for name in ("data", "out") if complete else ():
         if not getattr(cfg, name):
             raise SdcError(f"--{name} is required (as a flag or in the config file)")
+    if cfg.out and Path(cfg.out).is_dir():
+        # found at the very end otherwise, when the finished weights are renamed onto it
+        kind = "lora" if isinstance(cfg, LoraConfig) else "embedding"
+        fail("out", f"a .safetensors file to write, found an existing folder; give a file path "
+                    f"such as {Path(cfg.out) / (kind + '.safetensors')}")
     if cfg.out and not str(cfg.out).endswith(".safetensors"):
-        _fail("out", cfg.out, "a path ending in .safetensors")
+        fail("out", "a path ending in .safetensors")
     if isinstance(cfg, LoraConfig):
         if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
-            _fail("rank", cfg.rank, "an integer >= 1 (4-32 is usual)")
-        if cfg.alpha is not None and not (isinstance(cfg.alpha, (int, float)) and cfg.alpha > 0):
-            _fail("alpha", cfg.alpha, "a number > 0 (default: the rank)")
+            fail("rank", "an integer >= 1 (4-32 is usual)")
+        if cfg.alpha is not None and not (isinstance(cfg.alpha, (int, float))
+                                          and math.isfinite(cfg.alpha) and cfg.alpha > 0):
+            # nan compares False (refused by `> 0`), inf would scale the update to inf
+            fail("alpha", "a finite number > 0 (default: the rank)")
         if cfg.targets not in TARGETS:
-            _fail("targets", cfg.targets, "one of " + ", ".join(TARGETS))
+            fail("targets", "one of " + ", ".join(TARGETS))
         if complete and (not cfg.trigger or not cfg.trigger.strip()):
             raise SdcError("--trigger is required: the word(s) that call the LoRA up in a prompt")
     if isinstance(cfg, EmbeddingConfig):
         if (complete or cfg.token) and (not cfg.token or len(cfg.token.split()) != 1):
-            _fail("token", cfg.token, "one placeholder word, e.g. '<sks>'")
+            fail("token", "one placeholder word, e.g. '<sks>'")
         if (complete or cfg.init_word) and (not cfg.init_word or len(cfg.init_word.split()) != 1):
-            _fail("init_word", cfg.init_word, "one ordinary word the model knows, e.g. 'seal'")
+            fail("init_word", "one ordinary word the model knows, e.g. 'seal'")
         if isinstance(cfg.vectors, bool) or not isinstance(cfg.vectors, int) \
                 or not 1 <= cfg.vectors <= 16:
-            _fail("vectors", cfg.vectors, "an integer from 1 to 16")
+            fail("vectors", "an integer from 1 to 16")
 
 
 def as_json(cfg: CommonConfig) -> str:

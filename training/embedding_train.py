@@ -132,15 +132,18 @@ def train_embedding(cfg: EmbeddingConfig, resume: str | None = None,
     for step in range(start, cfg.steps):
         step_loss = common.train_step(
             cfg, step, prep, unet, opt, params,
-            lambda idx: text_encoder(ids_all[idx].to(prep.device)).last_hidden_state)
+            lambda idx: text_encoder(ids_all[idx].to(prep.device)).last_hidden_state,
+            start=start)
         losses.append(step_loss)
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            common.check_finite({"vectors": spliced.new}, cfg, "embedding")
             ckpt_dir.mkdir(exist_ok=True)
             common.save_checkpoint(ckpt_dir, done, {"vectors": spliced.new}, opt,
                                    {**must_match, "base_model": source.name})
 
+    common.check_finite({"vectors": spliced.new}, cfg, "embedding")
     vectors = spliced.new.detach().float().cpu().contiguous()
     metadata = {"name": cfg.token, "sdc.kind": "embedding", "sdc.init_word": cfg.init_word,
                 "sdc.base_model": source.name, "sdc.base_model_sha256": base_hash,

@@ -149,12 +149,16 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
     else:
         def condition(idx):
             return text_encoder(ids_all[idx].to(prep.device)).last_hidden_state
+    # what to lower when the run diverges: alpha / rank multiplies every LoRA update
+    advice = f"lower --lr (now {cfg.lr:g}) or --alpha (now {alpha:g}, rank {cfg.rank})"
     for step in range(start, cfg.steps):
-        step_loss = common.train_step(cfg, step, prep, unet, opt, params, condition, scaler)
+        step_loss = common.train_step(cfg, step, prep, unet, opt, params, condition, scaler,
+                                      advice=advice, start=start)
         losses.append(step_loss)
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            common.check_finite(named, cfg, "LoRA weight")
             ckpt_dir.mkdir(exist_ok=True)
             common.save_checkpoint(ckpt_dir, done, named, opt,
                                    {**must_match, "base_model": source.name})
@@ -169,6 +173,7 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
         "sdc.steps": str(cfg.steps), "sdc.resolution": str(prep.resolution),
         "sdc.version": __version__,
     }
+    common.check_finite(named, cfg, "LoRA weight")
     common.atomic_write(out, lambda tmp: _write_lora(tmp, unet, text_encoder, metadata))
     grid_path = out.with_suffix(".samples.png")
     if cfg.samples:
