@@ -7,6 +7,7 @@ its code (no traceback unless --debug). Build-side imports happen inside the com
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -88,29 +89,51 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
     click.echo(str(result.out))
 
 
+class _Number(click.ParamType):
+    """int/float options of `sdc run` whose bad text is one SdcError line (click's own message
+    is three, with the usage); ranges are checked by the pipeline, which names them."""
+
+    def __init__(self, kind: type):
+        self.kind, self.name = kind, "integer" if kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        try:
+            return self.kind(str(value).strip())
+        except ValueError:
+            flag = param.opts[0] if param is not None else "value"
+            raise SdcError(f"{flag} {value}: expected {'an integer' if self.kind is int else 'a number'}"
+                           f"; see `sdc run --help`") from None
+
+
+_INT, _FLOAT = _Number(int), _Number(float)
+
+
 @cli.command()
 @click.argument("prompt")
 @click.option("-a", "--artifacts", type=click.Path(path_type=Path), default=None,
               help="Build directory [default: the newest under ./artifacts].")
 @click.option("--negative", default="", help="Negative prompt.")
-@click.option("--steps", type=int, default=None,
+@click.option("--steps", type=_INT, default=None,
               help="Denoising steps [default: the model's, else 20].")
-@click.option("--guidance", type=float, default=None,
+@click.option("--guidance", type=_FLOAT, default=None,
               help="Classifier-free guidance scale; <= 1 skips the unconditional branch "
                    "[default: the model's (sdc-tiny: 3), else 7.5].")
-@click.option("--seed", type=int, default=None, help="Seed [default: random, printed].")
-@click.option("--width", type=int, default=None, help="Pixels [default: the model's native size].")
-@click.option("--height", type=int, default=None, help="Pixels [default: the model's native size].")
+@click.option("--seed", type=_INT, default=None,
+              help="Seed, 0 to 2^63-1 [default: random, printed]; image i of a batch uses seed+i.")
+@click.option("--width", type=_INT, default=None, help="Pixels [default: the model's native size].")
+@click.option("--height", type=_INT, default=None, help="Pixels [default: the model's native size].")
 @click.option("--scheduler", default=None,
               help="ddim|pndm|euler|euler-a|dpmpp-2m|dpmpp-2m-karras|lms [default: the build's].")
-@click.option("--batch", type=int, default=1, show_default=True, help="Images (seeds S, S+1, ...).")
+@click.option("--batch", type=_INT, default=1, show_default=True, help="Images (seeds S, S+1, ...).")
 @click.option("--provider", default="auto", show_default=True, help="auto|cpu|cuda")
 @click.option("--latents", "latents", type=click.Path(path_type=Path), default=None,
               help="Initial noise .npy, float32 [batch, C, H/f, W/f].")
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img source.")
-@click.option("--strength", type=float, default=0.8, show_default=True,
+@click.option("--strength", type=_FLOAT, default=0.8, show_default=True,
               help="img2img: how much of the schedule to re-noise, in (0, 1].")
-@click.option("--vae-tile", type=int, default=None,
+@click.option("--vae-tile", type=_INT, default=None,
               help="VAE decode tile in latents; 0 = untiled [default: 32 above 64 latents].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
               help="A .png file, or a folder for <seed>.png files.")
@@ -127,14 +150,14 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
                    "and exit without running.")
 @click.option("--cfg-split/--no-cfg-split", default=None,
               help="Run the CFG halves as separate UNet passes [default: the planner decides].")
-def run(prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
+@click.pass_obj
+def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
         provider, latents, init_image, strength, vae_tile, out, no_verify, loras, quiet,
         vram_budget, plan_only, cfg_split) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
     from ..runtime.memory import fmt_bytes
-    from ..runtime.outputs import output_paths
+    from ..runtime.outputs import SaveInterrupted, check_out, output_paths, save_images
     from ..runtime.pipeline import GenerateOptions, plan_run, run_pipeline
-    from ..runtime.png import save_png
 
     opts = GenerateOptions(prompt=prompt, artifacts=artifacts, negative=negative, steps=steps,
                            guidance=guidance, seed=seed, width=width, height=height,
@@ -149,7 +172,7 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
                            "sdc); rebuild it with this sdc")
         click.echo("\n".join(plan.describe()))
         return
-    output_paths(out, [0] * batch)  # refuse an unwritable --out before minutes of work
+    check_out(out, batch)  # refuse an unwritable --out before minutes of work; creates nothing
     console = _console()
     log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))
     if quiet:
@@ -170,9 +193,17 @@ def run(prompt, artifacts, negative, steps, guidance, seed, width, height, sched
     for warning in result.warnings:
         console.print(f"warning: {warning}", markup=False)
     paths = output_paths(out, result.seeds)
-    for img, path, text in zip(result.images, paths, result.parameters):
-        save_png(img, path, text)
-        click.echo(str(path))
+    # image by image, each atomic; a failure or Ctrl-C names exactly what was written
+    save_images(result.images, paths, result.parameters, seeds=result.seeds,
+                cancel=(obj or {}).get("cancel"), on_written=lambda p: click.echo(str(p)))
+    try:
+        _run_summary(result, quiet, console, fmt_bytes)
+    except KeyboardInterrupt:  # every image is on disk: say so, not "nothing was written"
+        raise SaveInterrupted(f"interrupted after saving; all {len(paths)} image(s) were "
+                              f"written: {', '.join(map(str, paths))}") from None
+
+
+def _run_summary(result, quiet, console, fmt_bytes) -> None:
     if not quiet:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
         ran_on = ", ".join(sorted(set(result.providers.values())))
@@ -252,6 +283,9 @@ def _cancel_on_signals() -> tuple[threading.Event, dict]:
     return cancel, previous
 
 
+_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     cancel, previous = _cancel_on_signals()
@@ -268,6 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:
+        # The last line of defence for faults found late (disk full, read-only or unwritable
+        # paths); the commands clean their temporary files on the way out, so this only speaks.
+        if debug or e.errno not in _WRITE_FAULTS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror} — free space or choose a writable location and "
+                   "run again (temporary files were removed)", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -186,6 +186,9 @@ class Scheduler:
     _ZERO_SNR_FLOOR: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any] | None = None):
+        if config is not None and not isinstance(config, Mapping):
+            raise SchedulerError(f"scheduler config: expected a JSON object, found "
+                                 f"{type(config).__name__}; rebuild the artifacts")
         raw = dict(config or {})
         # `_use_default_values` lists keys that were defaults of the class that saved the config:
         # they must take this class's defaults instead (diffusers' extract_init_dict).
@@ -209,7 +212,44 @@ class Scheduler:
         return SchedulerError(f"scheduler {self.name!r} ({self.diffusers_class}): {key}={value!r} "
                               f"is not supported by the numpy runtime (supported: {accepted})")
 
+    def _check_types(self) -> None:
+        """Each option has its default's type (a build's scheduler config is untrusted input):
+        a string where a number belongs is one line here, not a ValueError deep in a step."""
+        cfg = self.config
+        for key, default in self._DEFAULTS.items():
+            value = cfg[key]
+            if default is None:  # options without a typed default (trained_betas) are checked below
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and (math.isfinite(value) or value == default))  # -inf defaults exist
+            elif isinstance(default, str):
+                ok = isinstance(value, str)
+            else:
+                ok = True
+            if not ok:
+                raise SchedulerError(f"scheduler config: {key}={value!r}, expected "
+                                     f"{type(default).__name__} like {default!r}; rebuild the artifacts")
+        n = cfg["num_train_timesteps"]
+        if not 2 <= n <= 100_000:
+            raise SchedulerError(f"scheduler config: num_train_timesteps={n}, expected 2..100000")
+        betas = cfg["trained_betas"]
+        if betas is not None and not (
+                isinstance(betas, list) and len(betas) == n
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1
+                        for b in betas)):
+            raise SchedulerError(f"scheduler config: trained_betas must be {n} numbers in (0, 1); "
+                                 "rebuild the artifacts")
+        if betas is None and not 0 < cfg["beta_start"] <= cfg["beta_end"] < 1:
+            raise SchedulerError(f"scheduler config: beta_start={cfg['beta_start']}, beta_end="
+                                 f"{cfg['beta_end']}, expected 0 < start <= end < 1")
+
     def _validate(self) -> None:
+        self._check_types()
         cfg = self.config
         for key, only in self._REFUSED.items():
             value = cfg[key]

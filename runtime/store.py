@@ -77,6 +77,23 @@ def contained(root: Path, rel, what: str) -> Path:
     return target
 
 
+def read_json_object(path: Path, limit: int = 16 * 2**20) -> dict:
+    """A JSON object from a build (scheduler or tokenizer config): one-line SdcError when it is
+    too big, not JSON, too deeply nested or not an object."""
+    import json
+
+    try:
+        if path.stat().st_size > limit:
+            raise ValueError(f"{path.stat().st_size} bytes, over {limit // 2**20} MiB")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise SdcError(f"{path}: not a readable JSON file ({str(e)[:80]}); rebuild the artifacts") from None
+    if not isinstance(data, dict):
+        raise SdcError(f"{path}: holds a JSON {type(data).__name__}, expected an object; rebuild "
+                       "the artifacts")
+    return data
+
+
 # --- ownership -----------------------------------------------------------------------------------
 
 def foreign_files(folder: Path, listed) -> list[str]:

@@ -7,13 +7,13 @@ encoder's 77 positions with the tokenizer's pad token. Longer prompts keep their
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SdcError
+from .store import read_json_object
 
 
 @dataclass
@@ -33,12 +33,19 @@ class PromptTokenizer:
             raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
         self.max_length = max_length
         vocab = self._tok.get_vocab()
+        missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
+        if missing:
+            raise SdcError(f"{path}: not a CLIP tokenizer (no {', '.join(missing)} token); rebuild "
+                           "the artifacts")
         self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         pad = "<|endoftext|>"
         config = Path(folder) / "tokenizer_config.json"
         if config.is_file():
-            pad = json.loads(config.read_text()).get("pad_token", pad)
-            pad = pad["content"] if isinstance(pad, dict) else pad
+            pad = read_json_object(config).get("pad_token", pad)
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if not isinstance(pad, str):
+                raise SdcError(f"{config}: pad_token is {pad!r}, expected a token string; rebuild "
+                               "the artifacts")
         self.pad = vocab.get(pad, self.eos)
 
     def __call__(self, prompts: list[str]) -> Tokenized:

@@ -292,3 +292,32 @@ def test_a_broken_component_config_is_one_line(tmp_path, tiny_folder):
     shutil.copytree(tiny_folder, folder)
     (folder / "vae" / "config.json").write_text("[]")
     _one_line_failure(run_sdc("build", folder, check=False), "vae/config.json")
+
+
+# --- malformed files inside a self-consistent build (hashes re-written to match) ----------------
+
+def _replace_file(folder, rel, text):
+    import hashlib
+
+    (folder / rel).write_text(text)
+    raw = (folder / rel).read_bytes()
+    _edit(folder, lambda m: m["files"].update(
+        {rel: {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}}))
+
+
+@pytest.mark.parametrize("rel, text, needle", [
+    ("scheduler/scheduler_config.json", "[]", "expected an object"),
+    ("scheduler/scheduler_config.json", "{bad", "not a readable JSON"),
+    ("scheduler/scheduler_config.json", '{"num_train_timesteps": "x"}', "num_train_timesteps"),
+    ("scheduler/scheduler_config.json", '{"beta_start": 0.5, "beta_end": 0.1}', "beta_start"),
+    ("scheduler/scheduler_config.json", '{"trained_betas": [0.1]}', "trained_betas"),
+    ("tokenizer/tokenizer.json", "[]", "tokenizer"),
+    ("tokenizer/tokenizer_config.json", '{"pad_token": 5}', "pad_token"),
+    ("tokenizer/tokenizer_config.json", "[1]", "expected an object"),
+])
+def test_malformed_configs_inside_a_build(copy_of, tmp_path, rel, text, needle):
+    _replace_file(copy_of, rel, text)
+    run_sdc("verify", copy_of)  # consistent with its manifest: only reading it can tell
+    _one_line_failure(run_sdc("run", "a red circle", "-a", copy_of, "--out", tmp_path / "x.png",
+                              check=False), needle)
+    assert not (tmp_path / "x.png").exists()
