@@ -32,7 +32,7 @@ SDC_TEST_LATEST=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_A
 rc=${PIPESTATUS[0]}
 # The summary line and every distinct error, so the report says what broke without the whole log.
 grep -E '^(FAILED|ERROR) ' "$latest.log" | sed -E 's/ - / : /' | sort | uniq -c | sort -rn | head -20 >> "$report"
-grep -E '^E +[A-Za-z]+(Error|Exception)' "$latest.log" | sort | uniq -c | sort -rn | head -5 >> "$report"
+grep -E '^E +[A-Za-z_.]+(Error|Exception)' "$latest.log" | sort | uniq -c | sort -rn | head -5 >> "$report"
 tail -1 "$latest.log" >> "$report"
 echo "test-latest: report in $report (suite exit $rc)"
 exit "$rc"
