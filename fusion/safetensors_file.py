@@ -246,7 +246,7 @@ def _entry(name: str, e, bad) -> dict:
 def shorten(value) -> str:
     """A JSON value for a message, cut short: names and shapes in a hostile header can be huge."""
     text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _q(name: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,10 +221,12 @@ def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: 
         if not math.isfinite(value):
             opt.zero_grad(set_to_none=True)
             if step == start:  # the trainable weights are still their (finite) starting values
+                half = (" or train with --mixed-precision bf16 or fp32 (fp16 activations "
+                        "overflow past 65504)" if prep.precision.name == "fp16" else "")
                 raise SdcError(f"the loss is {value} at step {step + 1}, before any update of "
                                f"this run: the base model {prep.source.name} (or the checkpoint "
                                "resumed from) gives NaN/inf; check the model files (an fp16 merge "
-                               f"can overflow); {cfg.out} was not written")
+                               f"can overflow){half}; {cfg.out} was not written")
             raise diverged(cfg, step, f"the loss is {value}", advice)
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += value
@@ -281,15 +284,17 @@ def save_checkpoint(folder: Path, step: int, tensors: dict, optimizer, state: di
 
     final = Path(folder) / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=folder))
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-              str(tmp / CHECKPOINT_WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
-    (tmp / CHECKPOINT_STATE).write_text(json.dumps({**state, "step": step}, indent=1))
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / CHECKPOINT_WEIGHTS))
+        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a full disk or ^C mid-save leaves no half-written .step- folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
