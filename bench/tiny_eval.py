@@ -1,5 +1,5 @@
 """Does sdc-tiny draw what it is asked? Generate one image per prompt/seed pair covering every
-shape and colour, score each with the explainable detectors of training/shape_score.py, report
+shape and colour, score each with the explainable detectors of sdc/eval/adherence.py, report
 colour / background / shape correctness.
 
     python bench/tiny_eval.py [MODEL] [--pairs 48] [--engine onnx|diffusers] [--steps 20]
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the repo root is the `sdc` package
 
 from sdc.training.model_card import EVALUATION, write_card  # noqa: E402
-from sdc.training.shape_score import score, summarise  # noqa: E402
+from sdc.eval.adherence import score, summarise  # noqa: E402
 from sdc.training.train_tiny import GUIDANCE  # noqa: E402
 from sdc.training.shapes import all_prompts  # noqa: E402
 

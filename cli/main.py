@@ -103,8 +103,8 @@ class _Number(click.ParamType):
             return self.kind(str(value).strip())
         except ValueError:
             flag = param.opts[0] if param is not None else "value"
-            raise SdcError(f"{flag} {value}: expected {'an integer' if self.kind is int else 'a number'}"
-                           f"; see `sdc run --help`") from None
+            what = "an integer" if self.kind is int else "a number"
+            raise SdcError(f"{flag} {value}: expected {what}; see `sdc run --help`") from None
 
 
 _INT, _FLOAT = _Number(int), _Number(float)
@@ -126,7 +126,8 @@ _INT, _FLOAT = _Number(int), _Number(float)
 @click.option("--height", type=_INT, default=None, help="Pixels [default: the model's native size].")
 @click.option("--scheduler", default=None,
               help="ddim|pndm|euler|euler-a|dpmpp-2m|dpmpp-2m-karras|lms [default: the build's].")
-@click.option("--batch", type=_INT, default=1, show_default=True, help="Images (seeds S, S+1, ...).")
+@click.option("--batch", type=_INT, default=1, show_default=True,
+              help="Images (seeds S, S+1, ...).")
 @click.option("--provider", default="auto", show_default=True, help="auto|cpu|cuda")
 @click.option("--latents", "latents", type=click.Path(path_type=Path), default=None,
               help="Initial noise .npy, float32 [batch, C, H/f, W/f].")
@@ -172,7 +173,8 @@ def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, 
                            "sdc); rebuild it with this sdc")
         click.echo("\n".join(plan.describe()))
         return
-    check_out(out, batch)  # refuse an unwritable --out before minutes of work; creates nothing
+    plan_run(opts)  # every input checked first (cheap: no hashing, no decoding, no session)
+    check_out(out, batch)  # then an unwritable --out, before minutes of work; creates nothing
     console = _console()
     log = (lambda msg: None) if quiet else (lambda msg: console.log(msg, markup=False))
     if quiet:
@@ -254,6 +256,9 @@ def verify(artifacts: Path, no_hash: bool) -> None:
 from .train import add_commands  # noqa: E402  (train-lora, train-embedding)
 
 add_commands(cli)
+from .eval_cmd import add_commands as add_eval_commands  # noqa: E402  (eval)
+
+add_eval_commands(cli)
 
 
 def _cancel_on_signals() -> tuple[threading.Event, dict]:

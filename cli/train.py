@@ -7,7 +7,6 @@ flags the user actually typed. Torch is imported inside the commands (after the 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import click
 

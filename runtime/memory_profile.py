@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
 

@@ -27,10 +27,16 @@ import numpy as np
 from .. import __version__
 from ..errors import SdcError
 from .manifest import load_manifest, verify_files
+from .store import contained, read_json_object
 from .png import a1111_parameters
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
+MAX_SEED = 2**63 - 1  # numpy's PCG64 takes any non-negative int; 63 bits round-trips everywhere
+MAX_SIDE = 65536  # px: bounds the planner's arithmetic; the plan refuses far smaller absurd sizes
+# --init-image: 8192 x 8192. Checked from the header, before decoding: a PNG may claim any size
+# in 30 bytes, and decoding 50000 x 50000 would take 7.5 GB before anything could refuse it.
+MAX_INIT_PIXELS = 8192 * 8192
 AUTO_TILE, AUTO_TILE_ABOVE = 32, 64  # latents
 MIN_TILE = 8  # latents: the smallest VAE tile accepted (and planned)
 
@@ -93,37 +99,108 @@ def resolve_artifacts(artifacts: Path | str | None) -> Path:
 def _load_latents(value, shape: tuple) -> np.ndarray:
     if isinstance(value, (str, Path)):
         try:
-            value = np.load(value, allow_pickle=False)
+            # memory-mapped: the shape and dtype are checked before the data is read
+            value = np.load(value, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise SdcError(f"--latents {value}: cannot read as a .npy array ({e})") from None
     arr = np.asarray(value)
     if arr.shape != shape or arr.dtype != np.float32:
         raise SdcError(f"--latents: expected float32 {list(shape)} (batch, channels, height/f, "
                        f"width/f), found {arr.dtype} {list(arr.shape)}")
-    return arr
+    return np.array(arr)
 
 
-def _load_init_image(value, width: int | None, height: int | None, multiple: int):
+def _open_init_image(value):
+    """The init image opened lazily (header only), refused above MAX_INIT_PIXELS before any
+    pixel is decoded."""
+    import re
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    limit = f"the {MAX_INIT_PIXELS:,}-pixel limit (8192x8192); downscale it first"
     if isinstance(value, Image.Image):
         img = value
     else:
+        path = Path(value)
+        if not path.exists():
+            raise SdcError(f"--init-image {value}: file not found; expected a PNG/JPEG/WebP file")
+        if path.is_dir():
+            raise SdcError(f"--init-image {value}: is a folder; expected a PNG/JPEG/WebP file")
         try:
-            img = Image.open(value)
-            img.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise SdcError(f"--init-image {value}: cannot read it as an image ({e.__class__.__name__}); "
-                           "expected a PNG/JPEG/WebP file") from None
-    img = img.convert("RGB")
+            with warnings.catch_warnings():
+                # PIL warns above its own 89 MP; ours is lower and refuses with one line below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
+        except Image.DecompressionBombError as e:  # PIL's hard stop (2 x 89 MP), at open
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+            raise SdcError(f"--init-image {value}: its header claims {size}, over {limit}") \
+                from None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            raise SdcError(f"--init-image {value}: cannot read it as an image "
+                           f"({e.__class__.__name__}); expected a PNG/JPEG/WebP file") from None
+    w, h = img.size
+    if w * h > MAX_INIT_PIXELS:
+        _close_opened(img, value)
+        raise SdcError(f"--init-image {value}: {w}x{h} is {w * h:,} pixels, over {limit}")
+    return img
+
+
+def _close_opened(img, value) -> None:
+    """Close the file behind an init image this module opened (not one the caller passed)."""
+    if img is not None and img is not value:
+        img.close()
+
+
+def _init_size(img, width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
     w = width or img.width // multiple * multiple
     h = height or img.height // multiple * multiple
     if w < multiple or h < multiple:
         raise SdcError(f"--init-image: {img.width}x{img.height} is smaller than {multiple} px")
-    if (w, h) != img.size:
-        img = img.resize((w, h), Image.LANCZOS)
-    x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return x.transpose(2, 0, 1)[None], w, h
+    return w, h
+
+
+def init_image_rgb(img):
+    """Any PIL mode -> 8-bit RGB as it looks on screen.
+
+    PIL's own convert("RGB") clips 16-bit and 32-bit grey to 0..255 (a mid-grey 16-bit scan comes
+    out white) and drops alpha, showing whatever colour transparent pixels happen to store; here
+    high-bit-depth grey is scaled to 8 bits and transparency is composited over white (what A1111
+    does with transparent init images)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grey (PNG/TIFF/PGM open as I;16, or as I in older PIL): 0..65535 -> 0..255.
+        # 32-bit 'I' data outside 16 bits is clipped: it has no agreed white point.
+        grey = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        # float grey: 0..1 (the usual float convention) when it stays within it, else 0..255
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if grey.size and grey.max() <= 1.0 else 1.0
+        return Image.fromarray(np.round(np.clip(grey * scale, 0, 255)).astype(np.uint8)) \
+            .convert("RGB")
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:  # or tRNS
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def _init_array(img, value, w: int, h: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        rgb = init_image_rgb(img)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
+        raise SdcError(f"--init-image {value}: cannot decode it ({e}); expected a complete "
+                       "PNG/JPEG/WebP file") from None
+    if (w, h) != rgb.size:
+        rgb = rgb.resize((w, h), Image.LANCZOS)
+    x = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return x.transpose(2, 0, 1)[None]
 
 
 FALLBACK_DEFAULTS = {"steps": 20, "guidance": 7.5}  # SD1.x's usual values
@@ -148,15 +225,23 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
         raise SdcError(f"--guidance {opts.guidance}: expected a finite number >= 0 (7.5 is typical)")
     if not isinstance(opts.batch, int) or not 1 <= opts.batch <= MAX_BATCH:
         raise SdcError(f"--batch {opts.batch}: expected an integer from 1 to {MAX_BATCH}")
-    if opts.seed is not None and not (isinstance(opts.seed, int) and 0 <= opts.seed < 2**63):
-        raise SdcError(f"--seed {opts.seed}: expected a non-negative integer")
+    if opts.seed is not None:
+        if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) \
+                or not 0 <= opts.seed <= MAX_SEED:
+            raise SdcError(f"--seed {opts.seed}: expected an integer from 0 to {MAX_SEED}")
+        if opts.seed + opts.batch - 1 > MAX_SEED:
+            # image i uses seed S + i, and each must be a seed --seed accepts to reproduce it
+            raise SdcError(f"--seed {opts.seed} --batch {opts.batch}: the batch's last seed "
+                           f"{opts.seed + opts.batch - 1} is above {MAX_SEED}, the largest "
+                           f"--seed; give --seed {MAX_SEED - opts.batch + 1} or lower")
     if opts.vae_tile and opts.vae_tile < MIN_TILE:
         raise SdcError(f"--vae-tile {opts.vae_tile}: expected 0 (untiled) or >= 8 latents")
     default = model.get("default_size", 512)
     for name, v in (("width", opts.width), ("height", opts.height)):
-        if v is not None and (not isinstance(v, int) or v <= 0 or v % multiple):
+        if v is not None and (not isinstance(v, int) or not 0 < v <= MAX_SIDE or v % multiple):
             raise SdcError(f"--{name} {v}: expected a positive multiple of {multiple} (VAE factor "
-                           f"{model['vae_scale_factor']} x UNet multiple {model['unet_multiple']})")
+                           f"{model['vae_scale_factor']} x UNet multiple {model['unet_multiple']}) "
+                           f"up to {MAX_SIDE}")
     width = opts.width or default
     height = opts.height or default
     name = opts.scheduler or _default_scheduler(manifest)
@@ -165,6 +250,13 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
     if opts.init_image is not None:
         if not (isinstance(opts.strength, (int, float)) and 0 < opts.strength <= 1):
             raise SdcError(f"--strength {opts.strength}: expected a number in (0, 1]")
+        if int(opts.steps * opts.strength) < 1:
+            # img2img denoises int(steps x strength) steps (diffusers' get_timesteps, every
+            # scheduler): 0 would decode the noised init image without one denoising step
+            least = min_strength(opts.steps)
+            raise SdcError(f"--strength {opts.strength}: with --steps {opts.steps} it leaves no "
+                           f"denoising step (int({opts.steps} x {opts.strength}) = 0); expected "
+                           f"--strength {least:g} or more for {opts.steps} steps, or more --steps")
         if "vae_encoder" not in manifest["graphs"]:
             raise SdcError("--init-image: this build has no vae_encoder graph; rebuild with the "
                            "vae_encoder stage")
@@ -172,6 +264,15 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
         if stage not in manifest["graphs"]:
             raise SdcError(f"this build lacks the {stage} graph; rebuild with every stage")
     return width, height, name
+
+
+def min_strength(steps: int) -> float:
+    """The smallest --strength, to 3 decimals rounded up, that leaves one denoising step: a
+    figure that, typed back, is accepted (1/3 printed as 0.333 would not be)."""
+    s = math.ceil(1000 / steps) / 1000
+    while int(steps * s) < 1:
+        s = round(s + 0.001, 3)
+    return s
 
 
 def _default_scheduler(manifest: dict) -> str:
@@ -184,34 +285,57 @@ def _default_scheduler(manifest: dict) -> str:
 
 def plan_run(opts: GenerateOptions):
     """(plan, manifest, options with model defaults) for `opts` without running anything: what
-    `sdc run --plan` prints. Validates the options; hashes nothing."""
+    `sdc run --plan` prints. Validates the options; hashes nothing, decodes no image."""
     folder = resolve_artifacts(opts.artifacts)
     manifest = load_manifest(folder)
     opts = with_model_defaults(opts, manifest)
     width, height, _ = _validate(opts, manifest)
     if opts.init_image is not None:
         multiple = manifest["model"]["vae_scale_factor"] * manifest["model"]["unet_multiple"]
-        _, width, height = _load_init_image(opts.init_image, opts.width, opts.height, multiple)
+        img = _open_init_image(opts.init_image)
+        try:
+            width, height = _init_size(img, opts.width, opts.height, multiple)
+        finally:
+            _close_opened(img, opts.init_image)
     return _plan(opts, manifest, width, height), manifest, opts
 
 
 def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
-    from .memory import parse_size
+    from .memory import check_budget, fmt_bytes, memory_limit_bytes, parse_size
     from .planner import make_plan
 
     budget = opts.vram_budget
-    if budget is not None and not isinstance(budget, int):
+    if isinstance(budget, str):
         budget = parse_size(budget)
-    elif budget is not None and budget <= 0:
-        raise SdcError(f"--vram-budget {budget}: expected a positive size such as 4GiB")
-    return make_plan(manifest, batch=opts.batch, cfg=opts.guidance > 1.0, width=width,
-                     height=height, steps=opts.steps, budget=budget, vae_tile=opts.vae_tile,
-                     cfg_split=opts.cfg_split, img2img=opts.init_image is not None)
+    elif budget is not None:
+        budget = check_budget(budget)
+    kw = dict(batch=opts.batch, cfg=opts.guidance > 1.0, width=width, height=height,
+              steps=opts.steps, vae_tile=opts.vae_tile, cfg_split=opts.cfg_split,
+              img2img=opts.init_image is not None)
+    plan = make_plan(manifest, budget=budget, **kw)
+    # A plan above the machine's memory cannot run: refuse it now, before anything is allocated
+    # (65536² would otherwise die in an allocation minutes in, or take the machine into swap).
+    # Builds without a profile are checked on the arrays the run must hold whatever the graphs
+    # need: latents, and decoded float pixels (3 x 4 bytes a pixel) plus the uint8 images.
+    limit = memory_limit_bytes()
+    peak = plan.peak if plan is not None else opts.batch * width * height * 15
+    if limit is not None and peak > limit:
+        hint = "lower --width/--height/--batch"
+        if plan is not None and budget is None:
+            try:
+                make_plan(manifest, budget=limit, **kw)
+                hint = (f"give --vram-budget {limit // 2**20}MiB for a slower plan that fits, "
+                        f"or {hint}")
+            except SdcError:
+                pass
+        raise SdcError(f"{width}x{height}, batch {opts.batch}: the planned peak "
+                       f"{fmt_bytes(peak)} is more than this machine's {fmt_bytes(limit)} of "
+                       f"memory, the most a run can hold; {hint}")
+    return plan
 
 
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> GenerateResult:
-    import json
 
     from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
     from .schedulers import make_scheduler
@@ -230,12 +354,19 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     manifest = load_manifest(folder)
     opts = with_model_defaults(opts, manifest)
     width, height, sched_name = _validate(opts, manifest)
-    init = None
-    if opts.init_image is not None:
-        init, width, height = _load_init_image(opts.init_image, opts.width, opts.height,
-                                               manifest["model"]["vae_scale_factor"]
-                                               * manifest["model"]["unet_multiple"])
-    plan = _plan(opts, manifest, width, height)  # a budget nothing fits is refused here
+    init = img = None
+    if opts.init_image is not None:  # its header gives the size; pixels are decoded after the plan
+        img = _open_init_image(opts.init_image)
+    try:
+        if img is not None:
+            width, height = _init_size(img, opts.width, opts.height,
+                                       manifest["model"]["vae_scale_factor"]
+                                       * manifest["model"]["unet_multiple"])
+        plan = _plan(opts, manifest, width, height)  # a budget nothing fits is refused here
+        if img is not None:
+            init = _init_array(img, opts.init_image, width, height)
+    finally:
+        _close_opened(img, opts.init_image)
     problems = verify_files(folder, manifest, hashes=opts.verify)
     if problems:
         raise SdcError(f"{folder}: {len(problems)} artifact file(s) do not match the manifest ("
@@ -247,7 +378,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     warnings: list[str] = []
     timings: dict[str, float] = {}
     providers: dict[str, str] = {}
-    seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
+    seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)  # + batch <= MAX_SEED
     seeds = [seed + i for i in range(opts.batch)]
     rngs = [np.random.default_rng(s) for s in seeds]
 
@@ -257,8 +388,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
         for line in plan.describe():
             log(f"[plan] {line}")
     mem_limit = plan.budget if plan is not None else None
-    scheduler = make_scheduler(sched_name, json.loads((folder / manifest["scheduler"]["config"])
-                                                      .read_text()))
+    scheduler = make_scheduler(sched_name, read_json_object(
+        contained(folder, manifest["scheduler"]["config"], "scheduler.config")))
     cfg = opts.guidance > 1.0
 
     # 1. text encoder -------------------------------------------------------------------------

@@ -165,14 +165,27 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
         low = min(plans, key=lambda p: p.peak)
         hint = ("rebuild with more --unet-chunks to lower the UNet's share" if low.chunks else
                 "rebuild with --unet-chunks 4 (the UNet's weights are its floor now)")
-        raise SdcError(f"--vram-budget {fmt_bytes(budget)}: no plan fits; the smallest this build "
-                       f"can run at {width}x{height}, batch {batch} is {fmt_bytes(low.peak)} "
+        # rounded UP to a whole MiB: the figure is one the user can pass back and have accepted
+        # (candidate plans do not depend on the budget's value, so the same plan then fits)
+        need = min_budget_mib(low.peak)
+        raise SdcError(f"--vram-budget {_exact(budget)}: no plan fits; the smallest budget that "
+                       f"fits this build at {width}x{height}, batch {batch} is {need} MiB "
                        f"({low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}); "
-                       f"give --vram-budget {math.ceil(low.peak / 2**20)}MiB or more, {hint}, or "
+                       f"give --vram-budget {need}MiB or more, {hint}, or "
                        "lower --width/--height/--batch")
     # the fastest; among plans within TIE of it (estimates are not finer), the smallest peak
     fastest = min(p.seconds for p in fitting)
     return min((p for p in fitting if p.seconds <= fastest * (1 + TIE)), key=lambda p: p.peak)
+
+
+def min_budget_mib(peak: int) -> int:
+    """The smallest whole number of MiB that is >= `peak` bytes."""
+    return -(-int(peak) // 2**20)
+
+
+def _exact(n: int) -> str:
+    """A budget as given, not rounded: fmt_bytes would print a 1-byte budget as "0 MiB"."""
+    return fmt_bytes(n) if n % 2**20 == 0 or n >= 2**30 else f"{n} byte{'s' if n != 1 else ''}"
 
 
 def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,

@@ -3,7 +3,6 @@ a good build survives a failed rebuild, and identical inputs reuse the build by 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
