@@ -253,10 +253,12 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
     if cfg_split is not None:
         micros = [batch if (cfg and cfg_split) else rows]
     elif budget is None:
-        # the whole batch or one row per pass, so image i of a batch is computed as it is alone
-        # and seeds reproduce bit for bit across batch sizes: a batch-2 run in passes of 2 and a
-        # batch-1 run in passes of 1 differed by one level on one pixel (tests/test_run.py)
-        micros = sorted({rows, 1}, reverse=True)
+        # one image's rows per pass (its conditional and unconditional pair under CFG), whatever
+        # the batch size: image i of a batch is then computed exactly as it is alone, so seeds
+        # reproduce bit for bit across batch sizes. Passes of other sizes differ by a level on a
+        # few pixels (ORT picks kernels by batch), and choosing among sizes by measured seconds
+        # made the choice, and so the pixels, depend on the machine's load at build time.
+        micros = [rows // batch]
     else:
         micros = sorted({rows, batch, 1}, reverse=True)
     if vae_tile is not None:
