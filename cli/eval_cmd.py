@@ -3,6 +3,7 @@ builds x images. Torch-free like `sdc run` (tests/test_eval.py proves it)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -66,7 +67,7 @@ def add_commands(cli: click.Group) -> None:
                            seeds=seeds, width=width, height=height, steps=steps,
                            guidance=guidance, scheduler=scheduler, provider=provider, out=out,
                            allow_different_models=allow_different_models)
-        console = Console(stderr=True, highlight=False)
+        console = Console(stderr=True, highlight=False, log_path="--debug" in sys.argv)
         if quiet:
             result = evaluate(opts)
         else:

@@ -23,7 +23,8 @@ from ..errors import SdcError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # rich's log lines name their source line (`main.py:68`): noise to a user, kept for --debug
+    return Console(stderr=True, highlight=False, log_path="--debug" in sys.argv)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

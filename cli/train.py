@@ -6,6 +6,7 @@ flags the user actually typed. Torch is imported inside the commands (after the 
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import click
@@ -72,7 +73,7 @@ def _run(kind: str, model, config_file, print_config, resume, flags: dict) -> No
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, log_path="--debug" in sys.argv)
 
     def log(msg: str) -> None:
         console.log(msg, markup=False)

@@ -37,7 +37,9 @@ from .specs import GRAPH_SPECS, STAGES, ModelDims
 PRECISIONS = ("fp16", "fp32")
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.
 # 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
-BUILD_LAYOUT = 3
+# 4: each model folder holds its source component's config.json (what Optimum's pipeline reads) and
+# model_index.json names the build's real scheduler class.
+BUILD_LAYOUT = 4
 TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
 
 
@@ -351,13 +353,27 @@ def _copy_tokenizer_and_scheduler(source, tmp: Path, embeddings: list | None = N
                                                                              "epsilon")}
 
 
-def _write_model_index(tmp: Path, stages) -> None:
-    """Optimum's layout: a model_index.json naming each component folder."""
+def _write_model_index(tmp: Path, stages, scheduler_class: str | None) -> None:
+    """Optimum's layout: a model_index.json naming each component folder and the build's real
+    scheduler class (from its scheduler_config.json, not a fixed PNDM)."""
     index = {"_class_name": "ORTStableDiffusionPipeline", "_sdc": "see manifest.json",
-             "scheduler": ["diffusers", "PNDMScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+             "scheduler": ["diffusers", scheduler_class or "PNDMScheduler"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
     for stage in stages:
         index[stage] = ["optimum", "ORTModel"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_component_configs(source, tmp: Path, stages) -> None:
+    """Each model folder gets its source component's own config.json: the transformers config for
+    the text encoder, the diffusers configs of the UNet and the VAE for the VAE graphs. Optimum's
+    ORT pipeline reads them (unet sample_size/in_channels, text encoder num_hidden_layers, VAE
+    block_out_channels and scaling_factor: a missing scaling_factor only warns there and draws a
+    wrong image), so they are the model's real configs, copied whole, never rebuilt from ours."""
+    configs = source.configs()
+    for stage in stages:
+        config = configs[GRAPH_SPECS[stage].component]
+        (tmp / stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def default_out(opts: BuildOptions, source_name: str, loras=()) -> Path:
@@ -473,7 +489,8 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
                                         tmp, log, fusion, opts.unet_chunks))
         _check_cancel(opts)
     scheduler = _copy_tokenizer_and_scheduler(source, tmp, embeddings)
-    _write_model_index(tmp, stages)
+    _write_model_index(tmp, stages, scheduler["class"])
+    _write_component_configs(source, tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
     model = {**dims.as_dict(), "prediction_type": scheduler["prediction_type"],
              "default_size": source.native_size()}
@@ -485,6 +502,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
     manifest = {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
+        "layout": BUILD_LAYOUT,
         "build_key": key,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,

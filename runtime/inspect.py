@@ -67,4 +67,8 @@ def describe(manifest: dict) -> str:
                      "base build's)")
     b = manifest["build"]
     lines.append(f"built in {b['seconds']:.0f} s, peak RSS {_size(b['peak_rss_bytes'])}")
+    from .verify import layout_note
+
+    if note := layout_note(manifest):
+        lines.append(note)
     return "\n".join(lines)

@@ -33,9 +33,10 @@ GRAPH = {
     "chunks?": {"files": [str], "parts": [{"file": str}], "parity?": dict},
 }
 MANIFEST_SCHEMA = {
-    "format": str, "format_version": int, "build_key": str, "precision": str,
+    "format": str, "format_version": int, "layout?": int, "build_key": str, "precision": str,
     "versions?": {"*": Nullable(str)},
-    "base_model": {"name": str, "sha256?": Nullable(str), "builtin?": bool},
+    "base_model": {"name": str, "kind": str, "family": str, "sha256?": Nullable(str),
+                   "builtin?": bool},
     "defaults?": dict,
     "model": {"latent_channels": int, "vae_scale_factor": int, "unet_multiple": int,
               "scaling_factor": float, "prediction_type?": str, "default_size?": int,
@@ -45,7 +46,10 @@ MANIFEST_SCHEMA = {
     "tokenizer": {"files": [str], "max_length": int},
     "graphs": {"*": GRAPH},
     "memory_profile?": Nullable(dict),
-    "loras?": [dict], "embeddings?": [dict],
+    "loras?": [{"name": str, "format": str, "weight": float, "rank": [int], "layers": int,
+                "triggers": [str]}],
+    "embeddings?": [dict],
+    "build": {"seconds": float, "peak_rss_bytes": int},
     "files": {"*": {"sha256": str, "bytes": int}},
 }
 

@@ -48,5 +48,21 @@ def verify(folder: Path, hashes: bool = True) -> list[str]:
         raise SdcError(f"{folder}: {len(problems)} problem(s): " + "; ".join(problems[:5])
                        + ("; ..." if len(problems) > 5 else "") + " — rebuild with `sdc build --force`")
     n = len(manifest["files"])
-    return [f"{folder}: {n} files {'hashed' if hashes else 'sized'} and match the manifest; "
-            f"{len(manifest['graphs'])} graph schemas match"]
+    lines = [f"{folder}: {n} files {'hashed' if hashes else 'sized'} and match the manifest; "
+             f"{len(manifest['graphs'])} graph schemas match"]
+    if note := layout_note(manifest):
+        lines.append(note)
+    return lines
+
+
+# The layout from which each model folder holds its component's config.json (export/build.py).
+CONFIGS_LAYOUT = 4
+
+
+def layout_note(manifest: dict) -> str | None:
+    """What an older build lacks, or None: `sdc verify` and `sdc inspect` say it."""
+    if manifest.get("layout", 0) < CONFIGS_LAYOUT:
+        return ("note: built by an older sdc, without each model folder's config.json: sdc runs it, "
+                "but Optimum's ORTStableDiffusionPipeline cannot load it; rebuild with "
+                "`sdc build --force` (or `sdc build --from` of a rebuilt base)")
+    return None

@@ -65,6 +65,17 @@ CONFIG = {
 GUIDANCE = 3.0  # what this model wants (see above); the demo and the evaluation use it
 
 
+def prefix_text_model(path: Path) -> None:
+    """Rewrite a CLIPTextModel's safetensors with the `text_model.` key prefix. transformers 5
+    saves without it and reads both layouts; transformers 4 (what Optimum's pinned stack uses)
+    reads only the prefixed one and silently starts from random weights otherwise."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()},
+              str(path), metadata={"format": "pt"})
+
+
 def configs(vocab_size: int, bos: int, eos: int) -> dict:
     text = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
@@ -232,6 +243,7 @@ def train(out: Path, cfg: dict, device: str = "cpu", log=print) -> dict:
 
     for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
         model.to("cpu").to(torch.float16).save_pretrained(str(work / name))
+    prefix_text_model(work / "text_encoder" / "model.safetensors")
     scheduler.save_pretrained(str(work / "scheduler"))
     shutil.copy(SD15_CONFIGS / "model_index.json", work / "model_index.json")
     summary = {
