@@ -297,8 +297,10 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
               if spec.fp16_policy == "fp32" else "fp16 build")
     return {
         "description": spec.description,
+        # the graph's own files; the folder's config.json (for Optimum) is in the files table only
         "files": sorted(rel for rel in files if rel.startswith(f"{stage}/")
-                        and not rel.startswith(tiled_prefix) and rel not in chunk_files),
+                        and not rel.startswith(tiled_prefix) and rel not in chunk_files
+                        and rel != f"{stage}/config.json"),
         "opset": OPSET,
         "precision": precision,
         "precision_reason": reason,
