@@ -32,7 +32,7 @@ from ..errors import SdcError
 from ..runtime import manifest as mf
 from ..runtime import store
 from .memory import process_peak_rss_bytes
-from .specs import GRAPH_SPECS, STAGES, ModelDims
+from ..runtime.specs import GRAPH_SPECS, STAGES, ModelDims
 
 PRECISIONS = ("fp16", "fp32")
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.

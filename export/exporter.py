@@ -19,7 +19,7 @@ import onnx_ir
 import torch
 
 from .quiet import quiet_torch_stack
-from .specs import GraphSpec, ModelDims
+from ..runtime.specs import GraphSpec, ModelDims
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ParityError
 from .memory import PeakRss
-from .specs import GraphSpec, ModelDims
+from ..runtime.specs import GraphSpec, ModelDims
 
 
 def parity_cases(spec: GraphSpec, dims: ModelDims) -> dict[str, dict[str, np.ndarray]]:

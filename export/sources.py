@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import SdcError
 from ..fusion.safetensors_file import read_safetensors
 from ..runtime.manifest import sha256_file
-from .specs import ModelDims
+from ..runtime.specs import ModelDims
 from .tiny_model import SD15_CONFIGS
 
 SDC_TINY = Path(__file__).parent / "data" / "sdc-tiny"

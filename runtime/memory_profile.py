@@ -72,13 +72,13 @@ class _Unit:
 
 
 def _dims(model: dict):
-    from ..export.specs import ModelDims
+    from .specs import ModelDims
 
     return ModelDims(**{k: model[k] for k in ModelDims.__dataclass_fields__})
 
 
 def _feeds(stage: str, model: dict, batch: int, lat: int, seq: int | None = None) -> dict:
-    from ..export.specs import GRAPH_SPECS
+    from .specs import GRAPH_SPECS
 
     f = model["vae_scale_factor"]
     case = {"batch": batch, "sequence": seq or model["max_sequence"], "latent_height": lat,

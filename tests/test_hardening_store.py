@@ -172,7 +172,7 @@ MALFORMED = {
     "graph files null": lambda m: m["graphs"]["unet"].update(files=None),
     "inputs of numbers": lambda m: m["graphs"]["unet"].update(inputs=[1, 2]),
     "latent_channels a string": lambda m: m["model"].update(latent_channels="4"),
-    "scaling_factor NaN-free check": lambda m: m["model"].update(scaling_factor=True),
+    "scaling_factor a bool": lambda m: m["model"].update(scaling_factor=True),
     "tokenizer missing": lambda m: m.pop("tokenizer"),
     "format_version a string": lambda m: m.update(format_version="1"),
     "weights map a list": lambda m: m["graphs"]["unet"]["weights"].update(map=[]),

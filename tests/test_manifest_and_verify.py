@@ -66,6 +66,22 @@ def test_newer_format_and_foreign_manifests_are_refused(copy_of, tmp_path):
 
 
 def test_runtime_side_never_imports_torch(build_fp32):
-    import sdc.export.specs  # noqa: F401 - the runtime may read specs; they must stay torch-free
+    import sdc.runtime.specs  # noqa: F401 - the runtime may read specs; they must stay torch-free
     assert_cli_torch_free(["verify", build_fp32])
     assert_cli_torch_free(["inspect", build_fp32])
+
+
+def test_runtime_never_imports_the_build_or_training_side():
+    """The runtime ships alone on edge boxes: no module of runtime/ may import export/, training/ or
+    eval/ (read from the source, so a lazy import inside a function counts; fusion's numpy paths
+    are the run-time LoRA swap and stay torch-free, which `make runtime-check` proves)."""
+    import re
+    from pathlib import Path
+
+    import sdc.runtime
+
+    pattern = re.compile(r"^\s*(from|import)\s+(\.\.|sdc\.)(export|training|eval)\b", re.M)
+    offenders = [f"{p.name}: {m.group(0).strip()}"
+                 for p in sorted(Path(sdc.runtime.__file__).parent.glob("*.py"))
+                 for m in pattern.finditer(p.read_text())]
+    assert not offenders, offenders

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sdc.export.specs import GRAPH_SPECS, UNET, VAE_DECODER, ModelDims
+from sdc.runtime.specs import GRAPH_SPECS, UNET, VAE_DECODER, ModelDims
 from sdc.export.tiny_model import SD15_CONFIGS
 
 TOKENIZER = SD15_CONFIGS / "tokenizer"
