@@ -38,8 +38,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="fp16 for GPU targets; fp32 for CPU targets (ORT's CPU runs fp16 slower).")
+@click.option("--precision", default=None, metavar="fp16|fp32|int8|int4",
+              help="fp16 for GPU targets, fp32 for CPU targets (ORT's CPU runs fp16 slower); "
+                   "int8/int4 quantize the weights (UNet int8/int4, text encoder int8, VAE fp16 "
+                   "weights) [default: fp16; with --from: the source's].")
+@click.option("--stage-precision", default=None, metavar="STAGE=FMT,...",
+              help="Per-stage weight formats over --precision, e.g. "
+                   "text_encoder=int8,unet=int4,vae_decoder=fp32.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4: weights per block (32, 64 or 128), each block with its own scale.")
+@click.option("--quality-target", default=None, metavar="DB",
+              help="PSNR each quantized graph must reach on calibration inputs (e.g. 35dB); the "
+                   "most sensitive layer groups stay fp16 until it does [default: int8 35, int4 25].")
+@click.option("--sensitivities", is_flag=True,
+              help="Measure every layer group's sensitivity even when the target is met.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: artifacts/<model>-<precision>].")
 @click.option("--force", is_flag=True, help="Rebuild even if an identical build exists.")
@@ -57,13 +69,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--unet-chunks", type=int, default=1, show_default=True, metavar="N",
               help="Also cut the UNet into N sub-graphs by weight size, so `sdc run "
                    "--vram-budget` can run it below its weights' size, one chunk at a time.")
-def build(obj, model, precision, out, force, config, stages, loras, from_dir, embeddings,
-          unet_chunks) -> None:
+def build(obj, model, precision, stage_precision, block_size, quality_target, sensitivities, out,
+          force, config, stages, loras, from_dir, embeddings, unet_chunks) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
     from ..fusion.embeddings import parse_embedding_arg
     from ..fusion.fuse import parse_lora_arg
+    from ..quant.build import QuantizeOptions, parse_quality_target
 
     specs = tuple(parse_lora_arg(lo) for lo in loras)
+    target = parse_quality_target(quality_target)
     console = _console()
     with console.status("building…", spinner="dots") as status:
         def log(msg: str) -> None:
@@ -74,15 +88,20 @@ def build(obj, model, precision, out, force, config, stages, loras, from_dir, em
             if model is not None or embeddings or unet_chunks > 1:
                 raise SdcError(f"--from {from_dir} re-fuses LoRAs into an existing build: give no "
                                "MODEL, --embedding or --unet-chunks (those are set at a full build)")
-            from ..fusion.refuse import refuse
+            from ..quant.build import from_build
 
-            out_dir, _, _ = refuse(from_dir, list(specs), out, force=force, log=log)
+            out_dir, _, _ = from_build(QuantizeOptions(
+                from_dir=from_dir, precision=precision, stage_precision=stage_precision,
+                block_size=block_size, quality_target=target, measure_all=sensitivities,
+                loras=specs, out=out, force=force), log=log)
             click.echo(str(out_dir))
             return
         from ..export.build import BuildOptions, build as run_build
 
-        opts = BuildOptions(model=model, precision=precision, out=out, force=force, config=config,
-                            unet_chunks=unet_chunks,
+        opts = BuildOptions(model=model, precision=precision or "fp16", out=out, force=force,
+                            config=config, unet_chunks=unet_chunks,
+                            stage_precision=stage_precision, block_size=block_size,
+                            quality_target=target, measure_all=sensitivities,
                             stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                             cancel=obj.get("cancel"), loras=specs,
                             embeddings=tuple(parse_embedding_arg(e) for e in embeddings))

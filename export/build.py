@@ -34,7 +34,7 @@ from ..runtime import store
 from .memory import process_peak_rss_bytes
 from ..runtime.specs import GRAPH_SPECS, STAGES, ModelDims
 
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32")  # what torch exports; int8/int4 are quantized from fp32 (quant/)
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.
 # 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
 # 4: each model folder holds its source component's config.json (what Optimum's pipeline reads) and
@@ -56,6 +56,12 @@ class BuildOptions:
     loras: tuple = ()  # fusion.fuse.LoraSpec: adapters fused into the weights before export
     embeddings: tuple = ()  # (path, token or None): textual-inversion tokens added at build
     unet_chunks: int = 0  # >= 2: also cut the UNet into this many sub-graphs (export/unet_chunks.py)
+    # Quantized builds (quant/): a float build first (kept at its own default path, the
+    # quantized build's recorded source), then the torch-free pass over it.
+    stage_precision: str | dict | None = None  # "unet=int4,..." over the precision's recipe
+    block_size: int = 32  # int4 weights per block
+    quality_target: float | None = None  # dB; None: each format's default
+    measure_all: bool = False  # measure every layer group's sensitivity
 
 
 def _check_cancel(opts: BuildOptions) -> None:
@@ -416,11 +422,35 @@ def _read_adapters(source, opts: BuildOptions, log) -> list:
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
+    from dataclasses import replace
+
+    from ..quant import plan as qp
+
+    if opts.precision not in qp.RECIPES:
+        raise SdcError(f"--precision {opts.precision}: expected one of fp16, fp32, int8, int4")
+    if opts.precision not in PRECISIONS or opts.stage_precision:
+        from ..quant.build import QuantizeOptions, quantize_build
+
+        # The float build a quantized one is made from: fp16 only when asked for (a GPU build
+        # with some stages quantized), else fp32 (the CPU's type, and the widest source).
+        float_precision = "fp16" if opts.precision == "fp16" else "fp32"
+        qp.parse_stage_precision(opts.stage_precision if isinstance(opts.stage_precision, str)
+                                 else None, opts.stages)  # bad flags fail before any export
+        source = build(replace(opts, precision=float_precision, out=None, stage_precision=None),
+                       log)
+        log(f"float source: {source.out}; quantizing")
+        out, manifest, reused = quantize_build(QuantizeOptions(
+            from_dir=source.out, precision=opts.precision,
+            stage_precision=opts.stage_precision or {}, block_size=opts.block_size,
+            quality_target=opts.quality_target, measure_all=opts.measure_all, out=opts.out,
+            force=opts.force, artifacts_root=opts.artifacts_root), log)
+        return BuildResult(out, manifest, reused)
+    return _build_float(opts, log)
+
+
+def _build_float(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
     from .sources import resolve_model
 
-    if opts.precision not in PRECISIONS:
-        raise SdcError(f"--precision {opts.precision}: expected one of {', '.join(PRECISIONS)}"
-                       " (int8 lands with the quantisation work)")
     unknown = [s for s in opts.stages if s not in GRAPH_SPECS]
     if unknown or not opts.stages:
         raise SdcError(f"unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")

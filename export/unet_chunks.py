@@ -40,8 +40,10 @@ _DRIFT_PENALTY = 300.0  # carried tensors one whole-model share of drift is wort
 def _tensor_bytes(init) -> int:
     import onnx
 
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return int(np.prod(init.dims, dtype=np.int64)) * itemsize
+    n = int(np.prod(init.dims, dtype=np.int64))
+    if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2  # two 4-bit values per byte (quantized builds, quant/)
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
 
 
 class _Graph:
@@ -68,6 +70,15 @@ class _Graph:
                 self.produced[out] = i
             if node.op_type == "Constant" and not node.input:
                 self.const[node.output[0]] = node
+        # Nodes computing a weight from initializers alone (a quantized build's DequantizeLinear
+        # and Cast, quant/graph.py): a cut right after one would carry a whole float weight.
+        self.weight_node = set()
+        weight_values = set(self.inits)
+        for i, node in enumerate(self.nodes):
+            if node.op_type in ("DequantizeLinear", "Cast") and node.input and \
+                    all(x in weight_values for x in node.input if x):
+                self.weight_node.add(i)
+                weight_values.update(node.output)
         self.last_read = {}
         first_use = {}
         for i, node in enumerate(self.nodes):
@@ -98,7 +109,10 @@ class _Graph:
             hi = min(len(self.nodes) - (n - k), centre + _WINDOW)
             if lo > hi:
                 raise SdcError(f"--unet-chunks {n}: the UNet graph has too few nodes for {n} chunks")
-            best = min(range(lo, hi + 1), key=lambda c: len(self.carried(c)) + _DRIFT_PENALTY
+            allowed = [c for c in range(lo, hi + 1) if c - 1 not in self.weight_node]
+            if not allowed:
+                raise SdcError(f"--unet-chunks {n}: no cut point near chunk {k}'s share")
+            best = min(allowed, key=lambda c: len(self.carried(c)) + _DRIFT_PENALTY
                        * abs(float(self.cumulative[c - 1]) - target) / total)
             cuts.append(best)
         return cuts

@@ -22,8 +22,20 @@ from .lora import COMPONENTS, read_lora
 STAGE_OF = {"unet": "unet", "text_encoder": "text_encoder"}
 
 
-def known_modules(manifest: dict) -> dict[str, set[str]]:
+def check_float(manifest: dict, folder: Path) -> None:
+    """LoRAs are fused into float weights, never into dequantized ones: a quantized build is
+    refused by name, pointing at its float source."""
+    q = manifest.get("quantized_from")
+    if q:
+        fmts = ", ".join(f"{s} {g['precision']}" for s, g in manifest["graphs"].items())
+        raise SdcError(f"{folder} is a quantized build ({fmts}); LoRAs are fused into its float "
+                       f"weights before quantizing: sdc build --from {folder} --lora PATH "
+                       f"(re-quantizes from its float source {q['path']})")
+
+
+def known_modules(manifest: dict, folder: Path | None = None) -> dict[str, set[str]]:
     """{component: module paths with a .weight} from a build's weight maps."""
+    check_float(manifest, folder or Path("this build"))
     out = {}
     for component in COMPONENTS:
         graph = manifest["graphs"].get(STAGE_OF[component])
@@ -106,7 +118,7 @@ def read_weight(data_file: Path, info: list) -> np.ndarray:
 
 def prepare(folder: Path, manifest: dict, specs: list[LoraSpec]):
     """Read the adapters against the build and fuse: ({stage: {init: array}}, manifest report)."""
-    adapters = load_adapters(specs, known_modules(manifest))
+    adapters = load_adapters(specs, known_modules(manifest, folder))
     fused, max_delta = fused_initializers(folder, manifest, plan(adapters))
     return fused, report(adapters, max_delta)
 

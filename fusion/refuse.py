@@ -48,7 +48,7 @@ def refuse(from_dir: Path, specs: list[LoraSpec], out: Path | None, force: bool 
     if problems:
         raise SdcError(f"--from {from_dir}: {len(problems)} file(s) do not match its manifest "
                        f"({problems[0]}); rebuild it first")
-    adapters = load_adapters(specs, known_modules(base))
+    adapters = load_adapters(specs, known_modules(base, from_dir))
     jobs = fusion_jobs(from_dir, base, plan(adapters))
     names = "+".join([base["base_model"]["name"]] + [Path(s.path).stem for s in specs])
     out = Path(out or artifacts_root / f"{names}-{base['precision']}").absolute()

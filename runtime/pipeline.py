@@ -335,7 +335,11 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
 
 
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> GenerateResult:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 observe: Callable[[str, dict], None] | None = None) -> GenerateResult:
+    """`observe(stage, feeds)` sees every graph's inputs as they are run (the quantizer's
+    calibration reads real denoising trajectories this way); the final pixels are offered as
+    the vae_encoder's input."""
 
     from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
     from .schedulers import make_scheduler
@@ -407,6 +411,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider,
                       initializers=swapped.pop("text_encoder", None), cuda_mem_limit=mem_limit)
     log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
+    observe = observe or (lambda stage, feeds: None)
+    observe("text_encoder", {"input_ids": tokens.ids})
     embeds = te.run({"input_ids": tokens.ids})
     providers["text_encoder"], warnings = te.provider, warnings + te.warnings
     del te  # release the session: the next stage's weights take its place
@@ -458,13 +464,17 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     multiple = model["unet_multiple"]
     rows = 2 * opts.batch if cfg else opts.batch
     micro = plan.micro if plan is not None else (opts.batch if cfg and opts.cfg_split else rows)
+    def unet_pass(feeds):
+        observe("unet", feeds)
+        return unet.run(feeds, multiple)
+
     for i, t in enumerate(timesteps):
         x = np.concatenate([latents, latents]) if cfg else latents
         x = scheduler.scale_model_input(x, t).astype(np.float32)
         eps = np.concatenate([
-            unet.run({"sample": x[s:s + micro], "timestep": np.full(len(x[s:s + micro]), t,
-                                                                   np.float32),
-                      "encoder_hidden_states": embeds[s:s + micro]}, multiple)
+            unet_pass({"sample": x[s:s + micro], "timestep": np.full(len(x[s:s + micro]), t,
+                                                                    np.float32),
+                       "encoder_hidden_states": embeds[s:s + micro]})
             for s in range(0, rows, micro)])
         if cfg:
             uncond, text = np.split(eps, 2)
@@ -488,8 +498,10 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     tile = plan.vae_tile if plan is not None else opts.vae_tile
     if tile is None:
         tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
+    observe("vae_decoder", {"latent_sample": z})
     pixels, providers["vae_decoder"], dec_warnings = decode_latents(
         folder, graphs["vae_decoder"], z, f, tile, opts.provider, log, progress, mem_limit)
+    observe("vae_encoder", {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
     warnings += dec_warnings
     timings["vae_decoder"] = time.perf_counter() - t0
 

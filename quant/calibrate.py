@@ -1,0 +1,66 @@
+"""Calibration inputs drawn from the float build's own denoising trajectories.
+
+Each graph's quality is judged on what the pipeline really feeds it: the prompts' token ids, the
+UNet's (latents, timestep, text states) at steps spread over the schedule, the final latents the
+decoder sees and the decoded pixels (the encoder's input in img2img). They come from `sdc run`'s
+own pipeline on the float build (with the requested LoRAs swapped in), through its `observe`
+hook, at the model's native size capped at 256 px so a full-size UNet calibrates in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# Two prompts in sdc-tiny's vocabulary of shapes and colours and two in any SD's; a model sees
+# the other kind as ordinary text. Fixed, so a build's calibration is reproducible.
+PROMPTS = ("a red circle on a blue background", "a yellow triangle on a green background",
+           "a photo of a small house by a lake at dusk", "a portrait of an old sailor, oil painting")
+STEPS = 8
+MAX_SIZE = 256
+UNET_SNAPSHOTS = 4  # UNet feeds kept per prompt, spread over the steps
+
+
+@dataclass
+class Calibration:
+    feeds: dict[str, list[dict]]  # stage -> feeds
+    prompts: tuple[str, ...]
+    steps: int
+    size: int
+
+    def describe(self) -> dict:
+        return {"prompts": list(self.prompts), "steps": self.steps, "size": self.size,
+                "feeds": {s: len(f) for s, f in self.feeds.items()},
+                "source": "the float build's own trajectories (sdc run, observe hook)"}
+
+
+def calibrate(folder: Path, manifest: dict, stages: set[str], loras=(), prompts=PROMPTS,
+              log: Callable[[str], None] = print) -> Calibration:
+    from ..runtime.pipeline import GenerateOptions, run_pipeline
+
+    model = manifest["model"]
+    step = model["vae_scale_factor"] * model["unet_multiple"]
+    size = max(step, min(int(model.get("default_size") or MAX_SIZE), MAX_SIZE) // step * step)
+    feeds: dict[str, list[dict]] = {s: [] for s in stages}
+    for k, prompt in enumerate(prompts):
+        seen: dict[str, list[dict]] = {s: [] for s in stages}
+
+        def observe(stage, f, seen=seen):
+            if stage in seen:
+                seen[stage].append({n: np.array(v, copy=True) for n, v in f.items()})
+
+        run_pipeline(GenerateOptions(prompt=prompt, artifacts=folder, steps=STEPS, seed=1000 + k,
+                                     width=size, height=size, loras=tuple(loras), verify=False,
+                                     vae_tile=0, provider="cpu"), observe=observe)
+        unet = seen.pop("unet", None)
+        if unet is not None:
+            picks = np.linspace(0, len(unet) - 1, min(UNET_SNAPSHOTS, len(unet))).round().astype(int)
+            feeds["unet"] += [unet[i] for i in sorted(set(picks.tolist()))]
+        for stage, got in seen.items():
+            feeds[stage] += got
+    log(f"calibration: {len(prompts)} prompts, {STEPS} steps at {size}x{size}: "
+        + ", ".join(f"{s} {len(f)} inputs" for s, f in feeds.items()))
+    return Calibration(feeds, tuple(prompts), STEPS, size)

@@ -1,0 +1,96 @@
+"""Which format each stage and each weight gets: the recipe, the kept layers, the layer groups.
+
+Stage formats come from `--precision` (one recipe per format) and `--stage-precision` overrides.
+The int4 recipe is the seeds' extreme-compression one: the UNet 4-bit, the text encoder 8-bit
+(4-bit text encoders lose the prompt first), the VAE with fp16 weights computed in fp32 (its
+pixels are the image; fp16 *activations* overflow, fp16 weights do not).
+
+Inside a quantized graph some layers are kept in 16 bits by default, as stable-diffusion.cpp and
+the seeds do, and each is named in the manifest with its reason: the UNet's time embedding (every
+block reads it), conv_in/conv_out (the latent interface, 0.1 % of the weights), the VAE's
+(post_)quant_conv, the text encoder's position embedding. An embedding table is quantized at
+8 bits at most (per row). Norms and biases are never touched (they are not Conv/MatMul weights).
+
+Layer groups, the unit of the quality search: a weight's module path cut after its last index
+(`down_blocks.1.resnets.0`, `encoder.layers.7`, `decoder.up_blocks.2.resnets.1`), or its first
+component when it has none (`conv_in`, `time_embedding`).
+"""
+
+from __future__ import annotations
+
+from ..errors import SdcError
+from . import formats as fm
+
+RECIPES = {
+    "fp32": {},
+    "fp16": {"*": "fp16"},
+    "int8": {"text_encoder": "int8", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"},
+    "int4": {"text_encoder": "int8", "unet": "int4", "vae_decoder": "fp16", "vae_encoder": "fp16"},
+}
+
+# (path component, reason): weights under a module with this name stay in 16 bits.
+KEPT = (
+    ("time_embedding", "time embedding: every block reads it"),
+    ("conv_in", "conv_in: the latent interface, 0.1 % of the weights"),
+    ("conv_out", "conv_out: the latent interface, 0.1 % of the weights"),
+    ("quant_conv", "VAE quant_conv: the latent interface"),
+    ("post_quant_conv", "VAE post_quant_conv: the latent interface"),
+    ("position_embedding", "position embedding: 77 rows, read by every token"),
+)
+
+
+def parse_stage_precision(text: str | None, stages) -> dict[str, str]:
+    """'text_encoder=int8,unet=int4' -> {stage: format}; unknown stage or format is refused."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        stage, sep, fmt = item.partition("=")
+        stage, fmt = stage.strip(), fmt.strip()
+        if not sep or not stage or not fmt:
+            raise SdcError(f"--stage-precision {item!r}: expected STAGE=FORMAT, e.g. unet=int4")
+        if stage not in stages:
+            raise SdcError(f"--stage-precision: no stage {stage!r} in this build; expected one "
+                           f"of {', '.join(stages)}")
+        fm.get(fmt)
+        out[stage] = fmt
+    return out
+
+
+def stage_formats(precision: str | None, overrides: dict[str, str], stages) -> dict[str, str]:
+    if precision is not None and precision not in RECIPES:
+        raise SdcError(f"--precision {precision}: expected one of {', '.join(RECIPES)}")
+    recipe = RECIPES[precision or "fp32"]
+    out = {s: recipe.get(s, recipe.get("*", "fp32")) for s in stages}
+    out.update(overrides)
+    return out
+
+
+def label(formats: dict[str, str]) -> str:
+    """The build's precision label: the recipe name it matches, else 'mixed'."""
+    for name, recipe in RECIPES.items():
+        if all(formats[s] == recipe.get(s, recipe.get("*", "fp32")) for s in formats):
+            return name
+    return "mixed"
+
+
+def group_of(path: str) -> str:
+    parts = path.split(".")
+    head = parts[:-2]
+    last = max((i for i, p in enumerate(head) if p.isdigit()), default=-1)
+    return ".".join(parts[:last + 1]) if last >= 0 else parts[0]
+
+
+def kept_reason(path: str) -> str | None:
+    parts = set(path.split(".")[:-1])
+    return next((why for name, why in KEPT if name in parts), None)
+
+
+def weight_format(stage_fmt: str, path: str, kind: str, source_dtype: str) -> tuple[str, str | None]:
+    """(format, reason kept or None) for one weight of a stage whose format is `stage_fmt`."""
+    if not fm.get(stage_fmt).quantized:
+        return stage_fmt, None
+    why = kept_reason(path)
+    if why:
+        return "fp16", why
+    if kind == "gather" and stage_fmt == "int4":
+        return "int8", "embedding table: 8 bits per row at most"
+    return stage_fmt, None
