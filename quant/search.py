@@ -137,8 +137,8 @@ def search(judge: Judge, weights: dict[str, dict], target: float | None, measure
 
     def trial(k: int) -> dict[str, np.ndarray]:
         restored = {i for g in order[:k] for i in groups[g]}
-        return {i: (weights[i]["fp16"] if i in restored else weights[i]["decoded"])
-                for i in weights}
+        return {i: (weights[i]["fp16"].astype(weights[i]["decoded"].dtype) if i in restored
+                    else weights[i]["decoded"]) for i in weights}
 
     best = judge.psnr(trial(len(order)))
     if best < target:

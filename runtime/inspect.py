@@ -11,6 +11,35 @@ def _size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+def _quantization_lines(q: dict) -> list[str]:
+    """Per quantized graph: formats by weight count and bytes, kept layers, the search."""
+    by: dict[str, list[int]] = {}
+    for layer in q["layers"].values():
+        n = by.setdefault(layer["format"], [0, 0])
+        n[0] += 1
+        n[1] += layer["bytes"]
+    pad = " " * 16
+    parts = ", ".join(f"{fmt} {n} weights {_size(b)}" for fmt, (n, b) in sorted(by.items()))
+    lines = [f"{pad}weights: {parts}" + (f"; int4 blocks of {q['block_size']}"
+                                          if q.get("block_size") else "")]
+    if q.get("target_db") is not None:
+        lines.append(f"{pad}quality target {q['target_db']:g} dB, achieved {q['achieved_db']:.2f} dB "
+                     "(worst calibration/parity input vs the float graph)")
+    if q.get("kept"):
+        lines.append(f"{pad}kept in 16 bits: " + ", ".join(
+            k.removesuffix(".weight") for k in sorted(q["kept"])))
+    s = q.get("search")
+    if s:
+        sens = s.get("sensitivity_db") or {}
+        worst = sorted(sens, key=sens.get)[:3]
+        lines.append(f"{pad}search: {s['evaluations']} evaluations"
+                     + (f"; most sensitive " + ", ".join(f"{g} {sens[g]:.1f} dB" for g in worst)
+                        if worst else "")
+                     + (f"; fp16 groups: {', '.join(s['kept_fp16_groups'])}"
+                        if s["kept_fp16_groups"] else ""))
+    return lines
+
+
 def describe(manifest: dict) -> str:
     base = manifest["base_model"]
     m = manifest["model"]
@@ -47,6 +76,8 @@ def describe(manifest: dict) -> str:
                          + f" weights; chunk parity max_rel "
                          f"{max(x['max_rel'] for x in c['parity']['chunks']):.3g}, chained "
                          f"{c['parity']['value']:.3g} {'ok' if c['parity']['passed'] else 'FAILED'}")
+        if g.get("quantization"):
+            lines.extend(_quantization_lines(g["quantization"]))
         prof = (manifest.get("memory_profile") or {}).get("graphs", {}).get(stage)
         if prof:
             pt = prof["whole"]["points"][-1]
@@ -62,6 +93,10 @@ def describe(manifest: dict) -> str:
         lines.append(f"lora       {lo['name']} ({lo['format']}) weight {lo['weight']:g}, rank "
                      f"{'/'.join(map(str, lo['rank']))}, {lo['layers']} layers, fused at "
                      f"{lo.get('applied', 'build')}; triggers: {', '.join(lo['triggers']) or '-'}")
+    if manifest.get("quantized_from"):
+        q = manifest["quantized_from"]
+        lines.append(f"quantized from {q['path']} ({q['precision']}, build key "
+                     f"{q['build_key'][:12]}); LoRAs are fused there, then quantized again")
     if manifest.get("refused_from"):
         lines.append(f"re-fused from {manifest['refused_from']['path']} (parity entries are the "
                      "base build's)")

@@ -31,6 +31,9 @@ GRAPH = {
     "parity?": PARITY, "memory?": dict, "weights?": WEIGHTS, "opset?": int,
     "tiled?": {"files": [str], "segments": [{"file": str}], "parity?": PARITY},
     "chunks?": {"files": [str], "parts": [{"file": str}], "parity?": dict},
+    "quantization?": {"format": str, "layers": {"*": {"format": str, "bytes": int}},
+                      "kept": {"*": str}, "target_db?": Nullable(float),
+                      "achieved_db?": Nullable(float), "search?": Nullable(dict)},
 }
 MANIFEST_SCHEMA = {
     "format": str, "format_version": int, "layout?": int, "build_key": str, "precision": str,
@@ -49,6 +52,8 @@ MANIFEST_SCHEMA = {
     "loras?": [{"name": str, "format": str, "weight": float, "rank": [int], "layers": int,
                 "triggers": [str]}],
     "embeddings?": [dict],
+    "quantized_from?": {"path": str, "build_key": str, "precision": str},
+    "quantization?": {"formats": {"*": str}, "block_size": int},
     "build": {"seconds": float, "peak_rss_bytes": int},
     "files": {"*": {"sha256": str, "bytes": int}},
 }
