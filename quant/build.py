@@ -107,6 +107,10 @@ def _float_source(base: dict, opts: QuantizeOptions) -> tuple[QuantizeOptions, d
                        f"quantize its float source instead: --from {base['quantized_from']['path']}")
     if not opts.loras:
         raise SdcError(f"--from {opts.from_dir}: nothing asked; give --lora or --precision")
+    if base.get("loras"):
+        names = ", ".join(lo["name"] for lo in base["loras"])
+        raise SdcError(f"{opts.from_dir} already has LoRA(s) fused ({names}); fusing again needs "
+                       "the base weights: quantize a build made without --lora")
     src = base["quantized_from"]
     path = Path(src["path"])
     try:

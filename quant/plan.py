@@ -22,8 +22,8 @@ from ..errors import SdcError
 from . import formats as fm
 
 RECIPES = {
-    "fp32": {},
     "fp16": {"*": "fp16"},
+    "fp32": {},
     "int8": {"text_encoder": "int8", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"},
     "int4": {"text_encoder": "int8", "unet": "int4", "vae_decoder": "fp16", "vae_encoder": "fp16"},
 }
