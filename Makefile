@@ -43,12 +43,17 @@ $(RT_VENV)/.sdc-installed: pyproject.toml Makefile $(RT_LOCK)
 
 venv-runtime: $(RT_VENV)/.sdc-installed
 
-# The runtime lock works on its own: build sdc-tiny with .venv, generate with .venv-runtime.
+# The runtime lock works on its own: build sdc-tiny with .venv, then with .venv-runtime (no
+# torch) quantize it to int4 and generate from both.
 runtime-check: venv venv-runtime
 	$(SDC) build --precision fp32 --out artifacts/sdc-tiny-runtime-check --force
 	! $(RT_VENV)/bin/python -c 'import torch' 2>/dev/null
 	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check \
 	    --seed 0 --out outputs/runtime-check.png
+	$(RT_VENV)/bin/sdc build --from artifacts/sdc-tiny-runtime-check --precision int4 \
+	    --out artifacts/sdc-tiny-runtime-check-int4 --force
+	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check-int4 \
+	    --seed 0 --out outputs/runtime-check-int4.png
 
 # Locks: uv resolves pyproject.toml's extras for this project's machines (CPython 3.11, x86-64
 # Linux) with the torch pin as a constraint. Run after changing dependencies in pyproject.toml,
@@ -65,7 +70,7 @@ $(UV):
 
 lock: $(UV)
 	$(UV) pip compile -q pyproject.toml --extra dev $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(LOCK)
-	$(UV) pip compile -q pyproject.toml --extra runtime $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(RT_LOCK)
+	$(UV) pip compile -q pyproject.toml --extra runtime --extra quantize $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(RT_LOCK)
 
 # Opt-in drift check: the suite against the newest releases the registry serves today, upper
 # bounds in pyproject.toml lifted (requirements/unbounded.py), in its own .venv-latest. Writes

@@ -48,7 +48,8 @@ def extra_requirements(extra: str) -> list[Requirement]:
     return out
 
 
-@pytest.mark.parametrize("lock, extra", [("dev.txt", "dev"), ("runtime.txt", "runtime")])
+@pytest.mark.parametrize("lock, extra", [("dev.txt", "dev"), ("runtime.txt", "runtime"),
+                                         ("runtime.txt", "quantize")])
 def test_lock_satisfies_pyproject(lock, extra):
     pins = read_lock(lock)
     for req in extra_requirements(extra):
