@@ -70,15 +70,10 @@ class _Graph:
                 self.produced[out] = i
             if node.op_type == "Constant" and not node.input:
                 self.const[node.output[0]] = node
-        # Nodes computing a weight from initializers alone (a quantized build's DequantizeLinear
-        # and Cast, quant/graph.py): a cut right after one would carry a whole float weight.
-        self.weight_node = set()
-        weight_values = set(self.inits)
-        for i, node in enumerate(self.nodes):
-            if node.op_type in ("DequantizeLinear", "Cast") and node.input and \
-                    all(x in weight_values for x in node.input if x):
-                self.weight_node.add(i)
-                weight_values.update(node.output)
+        # A quantized build's weight-decode nodes (DequantizeLinear, Cast and their ties, marked
+        # by quant/graph.py): a cut right after one would carry a whole float weight.
+        self.weight_node = {i for i, node in enumerate(self.nodes)
+                            if node.doc_string == "sdc.quant: weight decode"}
         self.last_read = {}
         first_use = {}
         for i, node in enumerate(self.nodes):

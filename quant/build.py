@@ -345,9 +345,13 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
         f"weights encoded ({time.perf_counter() - t0:.1f} s), {len(kept)} kept in 16 bits")
     result = None
     if feeds and target is not None and weights:
+        from ..export.parity import parity_cases
+
+        # judged on every input the gate checks: the trajectories and the spec's parity cases
+        judged = feeds + list(parity_cases(GRAPH_SPECS[stage], dims).values())
         work = tmp / f".judge-{stage}"
         try:
-            judge = Judge(judge_copy(src, work), feeds, fused)
+            judge = Judge(judge_copy(src, work), judged, fused)
             result = search(judge, weights, target if fm.get(stage_fmt).quantized else None,
                             opts.measure_all, log, stage)
         finally:

@@ -1,7 +1,8 @@
 """Quality-targeted mixed precision: quantize every weight, measure, and keep the most sensitive
 layer groups in fp16 until the graph meets its PSNR target on real calibration inputs.
 
-Every measurement runs the *float* source graph with fake-quantized weights handed to
+Every measurement (the worst PSNR over the calibration inputs and the spec's parity cases, the
+inputs the gate checks) runs the *float* source graph with fake-quantized weights handed to
 onnxruntime at session creation (`add_external_initializers`): the decoded weights are the ones
 the quantized graph computes with (quant/formats.py), so no graph is rewritten per trial. The
 reference is the same float graph with its own weights, on the same inputs.
