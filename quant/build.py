@@ -325,46 +325,58 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
         if why:
             kept[path] = why
         plan[init] = fmt
-    weights, encoded = {}, {}
+    encoded = {}
     for init, fmt in plan.items():
         if fmt == "fp32":
             continue
         site = sites[init]
         w = fused.get(init)
         w = reader.read(init) if w is None else w
-        f = fm.get(fmt)
-        enc = f.encode(site.stored(w), site.reduce_axis if fmt == "int4" else site.channel_axis,
-                       opts.block_size)
-        encoded[init] = enc
-        weights[init] = {
-            "format": fmt, "group": qp.group_of(param_of.get(init, init)),
-            "decoded": site.unstored(f.decode(enc)).astype(w.dtype),
-            # half-size until a trial needs it (search.py casts back to the graph's type)
-            "fp16": None if fmt == "fp16" else w.astype(np.float16)}
-    log(f"[{stage}] {stage_fmt}: {sum(1 for f in plan.values() if f != 'fp32')} of {len(plan)} "
-        f"weights encoded ({time.perf_counter() - t0:.1f} s), {len(kept)} kept in 16 bits")
-    result = None
-    if feeds and target is not None and weights:
-        from ..export.parity import parity_cases
+        encoded[init] = fm.get(fmt).encode(
+            site.stored(w), site.reduce_axis if fmt == "int4" else site.channel_axis,
+            opts.block_size)
+    log(f"[{stage}] {stage_fmt}: {len(encoded)} of {len(plan)} weights encoded "
+        f"({time.perf_counter() - t0:.1f} s), {len(kept)} kept in 16 bits")
+    from ..export.parity import parity_cases
 
-        # judged on every input the gate checks: the trajectories and the spec's parity cases
-        judged = feeds + list(parity_cases(GRAPH_SPECS[stage], dims).values())
+    # Judged on every input the gate checks: the trajectories and the spec's parity cases. The
+    # reference (the float graph, LoRAs fused) is computed once; the quantized graph is written
+    # and measured for real first, and only a graph that misses its target is searched.
+    cases = parity_cases(GRAPH_SPECS[stage], dims)
+    inputs = [(f"calibration {i}", f) for i, f in enumerate(feeds)] + list(cases.items())
+    reference = _run(src, [f for _, f in inputs], fused)
+    dst = tmp / stage / "model.onnx"
+
+    def write(plan):
+        cache = {i: e for i, e in encoded.items() if plan[i] == e.fmt}
+        return rewrite(src, dst, lambda site: (plan[site.init], opts.block_size),
+                       overrides=fused, data_file=DATA_FILE, encoded_cache=cache)
+
+    layers = write(plan)
+    outs = _run(dst, [f for _, f in inputs])
+    achieved = achieved_all = min(fm.psnr(r, o) for r, o in zip(reference, outs))
+    searchable = fm.get(stage_fmt).quantized and target is not None
+    if searchable:
+        log(f"[{stage}] every weight in its format: {achieved:.2f} dB (target {target:g} dB)")
+    result = None
+    if searchable and (achieved < target or opts.measure_all):
         work = tmp / f".judge-{stage}"
         try:
-            judge = Judge(judge_copy(src, work), judged, fused)
-            result = search(judge, weights, target if fm.get(stage_fmt).quantized else None,
-                            opts.measure_all, log, stage)
+            judge = Judge(judge_copy(src, work), [f for _, f in inputs], fused, reference)
+            weights = {i: {"format": plan[i], "group": qp.group_of(param_of.get(i, i)),
+                           "decoded": lambda i=i: sites[i].unstored(
+                               fm.get(plan[i]).decode(encoded[i])),
+                           "fp16": lambda i=i: _half(_float(fused, reader, i))}
+                       for i in encoded}
+            result = search(judge, weights, target, opts.measure_all, log, stage, achieved)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        for init, fmt in result.formats.items():
-            plan[init] = fmt
-    del weights
-    cache = {i: e for i, e in encoded.items() if plan[i] == e.fmt}
-    layers = rewrite(src, tmp / stage / "model.onnx", lambda site: (plan[site.init],
-                                                                    opts.block_size),
-                     overrides=fused, data_file=DATA_FILE, encoded_cache=cache)
-    del encoded, cache
-    parity = _gate(stage, src, tmp / stage / "model.onnx", fused, feeds, dims, target)
+        if result.restored:
+            plan.update(result.formats)
+            layers = write(plan)
+            outs = _run(dst, [f for _, f in inputs])
+    encoded.clear()
+    parity = _gate(stage, inputs, reference, outs, target)
     floats = sum(l["bytes"] for l in layers.values() if l["format"] == "fp32")
     log(f"[{stage}] gate psnr {parity['value']:.2f} dB >= {parity['threshold']:g} over "
         f"{len(parity['cases'])} inputs: passed")
@@ -375,7 +387,7 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
         "format": stage_fmt, "block_size": opts.block_size if stage_fmt == "int4" else None,
         "target_db": target, "achieved_db": parity["value"],
         "search": None if result is None else {
-            "all_quantized_db": None, "evaluations": result.evaluations,
+            "all_quantized_db": round(achieved_all, 2), "evaluations": result.evaluations,
             "kept_fp16_groups": result.restored,
             "sensitivity_db": {g: round(v, 2) for g, v in sorted(result.sensitivities.items())}},
         "kept": kept,
@@ -412,21 +424,22 @@ def _run(path: Path, feeds: list[dict], overrides: dict | None = None) -> list[n
     return judge._outputs({})
 
 
-def _gate(stage: str, src: Path, dst: Path, fused: dict, calib: list[dict], dims: ModelDims,
-          target: float | None) -> dict:
+def _half(w: np.ndarray) -> np.ndarray:
+    """w rounded to fp16, in its own type (what an fp16-kept layer computes with)."""
+    return w.astype(np.float16).astype(w.dtype)
+
+
+def _float(fused: dict, reader, init: str) -> np.ndarray:
+    w = fused.get(init)
+    return reader.read(init) if w is None else w
+
+
+def _gate(stage: str, inputs: list, reference: list, outs: list, target: float | None) -> dict:
     """The quantized graph against the float one (LoRAs fused) on the calibration inputs and the
     spec's parity cases: every input must meet the stage's target."""
-    from ..export.parity import parity_cases
-
-    spec = GRAPH_SPECS[stage]
-    cases = parity_cases(spec, dims)
-    inputs = [(f"calibration {i}", f) for i, f in enumerate(calib)] + list(cases.items())
-    feeds = [f for _, f in inputs]
-    refs = _run(src, feeds, fused)
-    outs = _run(dst, feeds)
     threshold = target if target is not None else fm.FORMATS["fp16"].default_target_db
     results = []
-    for (name, f), r, o in zip(inputs, refs, outs):
+    for (name, f), r, o in zip(inputs, reference, outs):
         finite = bool(np.isfinite(o).all())
         value = fm.psnr(r, o) if finite else None
         results.append({"case": name, "input_shapes": {k: list(v.shape) for k, v in f.items()},

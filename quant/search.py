@@ -7,8 +7,9 @@ onnxruntime at session creation (`add_external_initializers`): the decoded weigh
 the quantized graph computes with (quant/formats.py), so no graph is rewritten per trial. The
 reference is the same float graph with its own weights, on the same inputs.
 
-  1. all weights in their format: PSNR meets the target -> done (sensitivities are measured
-     only when asked, `measure_all`, since each costs one graph evaluation);
+  1. all weights in their format (the real quantized graph, measured by the caller): PSNR meets
+     the target -> done (sensitivities are measured only when asked, `measure_all`, since each
+     costs one graph evaluation);
   2. else each group alone in its format, the rest float: that group's sensitivity (dB);
   3. groups restored to fp16 most-sensitive-first; the fewest restored that meet the target is
      found by bisection over the count (PSNR rises as groups are restored) and checked;
@@ -74,9 +75,10 @@ class Judge:
     """PSNR of a graph's output with some weights replaced, against the graph's own output.
     `onnx_path` must hold every weight as external data (`judge_copy`)."""
 
-    def __init__(self, onnx_path: Path, feeds: list[dict], base: dict[str, np.ndarray] | None = None):
+    def __init__(self, onnx_path: Path, feeds: list[dict], base: dict[str, np.ndarray] | None = None,
+                 reference: list[np.ndarray] | None = None):
         self.path, self.feeds, self.base = onnx_path, feeds, dict(base or {})
-        self.reference = self._outputs({})
+        self.reference = reference if reference is not None else self._outputs({})
         self.evaluations = 0
 
     def _outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -85,6 +87,9 @@ class Judge:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # no MLAS pre-packing: a trial session lives for a few runs, and packing would copy
+        # every overridden weight once more (the search's peak memory)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         weights = {**self.base, **overrides}
         keep = []
         if weights:
@@ -110,17 +115,15 @@ class SearchResult:
     evaluations: int = 0
 
 
-def search(judge: Judge, weights: dict[str, dict], target: float | None, measure_all: bool,
-           log: Callable[[str], None], stage: str) -> SearchResult:
+def search(judge: Judge, weights: dict[str, dict], target: float, measure_all: bool,
+           log: Callable[[str], None], stage: str, achieved: float) -> SearchResult:
     """`weights`: {initializer: {"format", "group", "decoded", "fp16"}} for every weight the
-    stage's plan changes; "decoded" is the weight in its format, "fp16" rounded to half (None for
-    weights already kept at fp16). Returns the formats that meet `target` (None: no target)."""
+    stage's plan changes; "decoded" and "fp16" are callables giving the weight in its format and
+    rounded to half, in the graph's type (computed per trial, so at most one trial's weights are
+    in memory). `achieved`: the PSNR with every weight in its format, measured on the real
+    quantized graph. Returns the formats that meet `target`."""
     formats = {i: w["format"] for i, w in weights.items()}
     quantized = {i for i, w in weights.items() if fm.get(w["format"]).quantized}
-    all_in = {i: w["decoded"] for i, w in weights.items()}
-    achieved = judge.psnr(all_in)
-    log(f"[{stage}] every weight in its format: {achieved:.2f} dB"
-        + (f" (target {target:g} dB)" if target is not None else ""))
     groups: dict[str, list[str]] = {}
     for i in sorted(quantized):
         groups.setdefault(weights[i]["group"], []).append(i)
@@ -128,7 +131,7 @@ def search(judge: Judge, weights: dict[str, dict], target: float | None, measure
     sens: dict[str, float] = {}
     if measure_all or not met:
         for g, members in groups.items():
-            sens[g] = judge.psnr({i: weights[i]["decoded"] for i in members})
+            sens[g] = judge.psnr({i: weights[i]["decoded"]() for i in members})
         worst = sorted(sens, key=sens.get)[:3]
         log(f"[{stage}] sensitivity of {len(sens)} groups measured; most sensitive: "
             + ", ".join(f"{g} {sens[g]:.1f} dB" for g in worst))
@@ -138,8 +141,8 @@ def search(judge: Judge, weights: dict[str, dict], target: float | None, measure
 
     def trial(k: int) -> dict[str, np.ndarray]:
         restored = {i for g in order[:k] for i in groups[g]}
-        return {i: (weights[i]["fp16"].astype(weights[i]["decoded"].dtype) if i in restored
-                    else weights[i]["decoded"]) for i in weights}
+        return {i: (weights[i]["fp16"]() if i in restored and weights[i]["format"] != "fp16"
+                    else weights[i]["decoded"]()) for i in weights}
 
     best = judge.psnr(trial(len(order)))
     if best < target:
