@@ -33,7 +33,7 @@ def _quantization_lines(q: dict) -> list[str]:
         sens = s.get("sensitivity_db") or {}
         worst = sorted(sens, key=sens.get)[:3]
         lines.append(f"{pad}search: {s['evaluations']} evaluations"
-                     + (f"; most sensitive " + ", ".join(f"{g} {sens[g]:.1f} dB" for g in worst)
+                     + ("; most sensitive " + ", ".join(f"{g} {sens[g]:.1f} dB" for g in worst)
                         if worst else "")
                      + (f"; fp16 groups: {', '.join(s['kept_fp16_groups'])}"
                         if s["kept_fp16_groups"] else ""))
