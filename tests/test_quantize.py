@@ -307,8 +307,8 @@ def test_chunks_and_tiles_of_a_quantized_build(tmp_path):
 
     chunked = tmp_path / "c2"
     run_sdc("build", "--precision", "fp32", "--unet-chunks", "2", "--out", chunked)
-    out = tmp_path / "c2-int4"
-    run_sdc("build", "--from", chunked, "--precision", "int4", "--out", out)
+    out = tmp_path / "c2-int8"  # int8: the UNet meets its target without a search (faster)
+    run_sdc("build", "--from", chunked, "--precision", "int8", "--out", out)
     m = load_manifest(out)
     unet = m["graphs"]["unet"]
     parts = unet["chunks"]["parts"]
