@@ -121,8 +121,8 @@ def test_out_that_is_a_file(tiny_folder, tmp_path):
 
 
 def test_unknown_precision_and_stage(tiny_folder, tmp_path):
-    proc = run_sdc("build", tiny_folder, "--precision", "int4", check=False)
-    assert proc.returncode == 2 and "int4" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_sdc("build", tiny_folder, "--precision", "int3", check=False)
+    assert proc.returncode == 2 and "int3" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_sdc("build", tiny_folder, "--stages", "unet,refiner", "--out", tmp_path / "o",
                    check=False)
     assert_clean_error(proc, "refiner")
