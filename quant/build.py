@@ -274,10 +274,10 @@ def _image_gate(calib, tmp: Path, base: dict, formats: dict, targets: dict, log)
 
 
 def _graph_file(rel: str, stage: str, graph: dict) -> bool:
-    tiled = graph.get("tiled", {}).get("dir") or "tiled"
-    chunk_files = {f"{stage}/{p['file']}" for p in graph.get("chunks", {}).get("parts", [])}
-    return not rel.startswith(f"{stage}/{tiled}/") and rel not in chunk_files and \
-        rel != f"{stage}/config.json"
+    """A file of the stage's whole graph (not a tiling segment, a chunk or the folder config)."""
+    others = set(graph.get("tiled", {}).get("files", [])) | set(graph.get("chunks", {}).get(
+        "files", [])) | {f"{stage}/config.json"}
+    return rel not in others and not rel.startswith(f"{stage}/tiled/")
 
 
 def _target(fmt: str, asked: float | None) -> float | None:
@@ -375,7 +375,6 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
             plan.update(result.formats)
             layers = write(plan)
             outs = _run(dst, [f for _, f in inputs])
-    encoded.clear()
     parity = _gate(stage, inputs, reference, outs, target)
     floats = sum(l["bytes"] for l in layers.values() if l["format"] == "fp32")
     log(f"[{stage}] gate psnr {parity['value']:.2f} dB >= {parity['threshold']:g} over "
@@ -396,7 +395,8 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
         "weight_bytes": sum(l["bytes"] for l in layers.values()), "unchanged_float_bytes": floats,
     }
     if graph.get("tiled"):
-        _quantize_tiled(stage, graph, base, opts, plan, fused, tmp, dims, log)
+        _quantize_tiled(stage, graph, base, opts, plan, fused, tmp, dims, log, encoded)
+    encoded.clear()
     if graph.get("chunks"):
         _recut_chunks(stage, graph, tmp, dims, log)
     log(f"[{stage}] {stage_fmt} written in {time.perf_counter() - t0:.1f} s")
@@ -456,8 +456,11 @@ def _gate(stage: str, inputs: list, reference: list, outs: list, target: float |
     return report
 
 
+TILED_PREFIX = "tiled-"  # quantized builds: vae_decoder/tiled-<segment>.onnx
+
+
 def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, plan: dict,
-                    fused: dict, tmp: Path, dims: ModelDims, log) -> None:
+                    fused: dict, tmp: Path, dims: ModelDims, log, encoded: dict) -> None:
     """The decoder's tiling segments get the whole graph's formats weight for weight (matched by
     content: a segment's initializer holds the same bytes as the whole graph's), then the tiled
     decode is gated against the quantized whole graph as the float build gated it (max_rel)."""
@@ -474,10 +477,15 @@ def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, 
         by_digest[hashlib.sha256(reader.read(init).tobytes()).hexdigest()] = init
     del proto
     tiled = graph["tiled"]
+    from .graph import written_tensors
+
+    whole_tensors = written_tensors(tmp / stage / "model.onnx")
+    segments, files = [], []
     for seg in tiled["segments"]:
         src = mf.contained(opts.from_dir, seg["file"], "tiled segment")
-        dst = tmp / seg["file"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        # beside the whole graph, so its weights point into the whole graph's data file: the
+        # float build's segments carry their own copy (0.1 GB of SD1.5's decoder); these don't
+        rel = f"{stage}/{TILED_PREFIX}{Path(seg['file']).name}"
         sp = onnx.load(str(src), load_external_data=False)
         sr = WeightReader(src.parent, sp)
         local = {}
@@ -486,8 +494,17 @@ def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, 
             if whole is not None:
                 local[t.name] = whole
         del sp
-        rewrite(src, dst, lambda site: (plan.get(local.get(site.init), "fp32"), opts.block_size),
-                overrides={n: fused[w] for n, w in local.items() if w in fused}, data_file=None)
+        rewrite(src, tmp / rel, lambda site: (plan.get(local.get(site.init), "fp32"),
+                                              opts.block_size),
+                overrides={n: fused[w] for n, w in local.items() if w in fused}, data_file=None,
+                encoded_cache={i: e for i, e in encoded.items() if plan[i] == e.fmt},
+                shared=(whole_tensors, {n: w for n, w in local.items()
+                                                               if plan.get(w, "fp32") != "fp32"}))
+        segments.append({**seg, "file": rel})
+        files.append(rel)
+    tiled.update(segments=segments, files=sorted(files),
+                 description=tiled.get("description", "") + " Quantized: the segments sit beside "
+                 "the whole graph and share its data file.")
     spec = GRAPH_SPECS[stage]
     cases = parity_cases(spec, dims)
     main = tmp / stage / "model.onnx"

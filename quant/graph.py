@@ -160,6 +160,29 @@ class _DataWriter:
             os.chmod(self.path, 0o644)
 
 
+class _SharedWriter:
+    """Hands out another graph's already written tensors (renamed) instead of writing bytes: a
+    segment graph in the same folder then reads the whole graph's data file, no second copy."""
+
+    def __init__(self, tensors: dict[str, object], whole: str, local: str):
+        self.tensors, self.whole, self.local = tensors, whole, local
+
+    def tensor(self, name: str, data_type: int, dims, raw: bytes, inline: bool = False):
+        t = type(self.tensors[self.whole + name[len(self.local):]])()
+        t.CopyFrom(self.tensors[self.whole + name[len(self.local):]])
+        if t.data_type != data_type or list(t.dims) != [int(d) for d in dims]:
+            raise AssertionError(f"shared tensor {name} does not match its source")
+        t.name = name
+        return t
+
+
+def written_tensors(path: Path) -> dict[str, object]:
+    """{name: TensorProto (external references kept)} of a rewritten graph, for `shared`."""
+    import onnx
+
+    return {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
 def _float_type(dtype: str) -> int:
     import onnx
 
@@ -172,11 +195,15 @@ INSERTED = "sdc.quant: weight decode"  # doc_string of every node the rewrite ad
 
 def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
             overrides: dict[str, np.ndarray] | None = None, data_file: str | None = None,
-            encoded_cache: dict | None = None) -> dict[str, dict]:
+            encoded_cache: dict | None = None,
+            shared: tuple[dict, dict[str, str]] | None = None) -> dict[str, dict]:
     """Write `dst` (model file; its data file beside it, named `data_file`, or inline weights when
     None) from the float graph `src`. `choose(site)` returns (format name, block size) for each
     weight; "fp32" keeps it as it is. `overrides` replace source weights by initializer name
-    (LoRA-fused float weights). Returns {initializer: {format, bytes, ...}} for every site."""
+    (LoRA-fused float weights). `shared` = (written_tensors(other graph), {initializer: the other
+    graph's initializer}) reuses that graph's stored tensors for those weights (`dst` must sit in
+    its folder); `encoded_cache` is then keyed by the other graph's names. Returns
+    {initializer: {format, bytes, ...}} for every site."""
     import onnx
     from onnx import helper
 
@@ -222,8 +249,10 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
                 continue
             fmt = fm.get(fmt_name)
             stored = site.stored(w)
-            if encoded_cache is not None and name in encoded_cache:
-                enc = encoded_cache[name]
+            other = shared[1].get(name) if shared else None
+            cache_key = other or name
+            if encoded_cache is not None and cache_key in encoded_cache:
+                enc = encoded_cache[cache_key]
             else:
                 axis = site.reduce_axis if fmt_name == "int4" else site.channel_axis
                 enc = fmt.encode(stored, axis, block)
@@ -242,7 +271,8 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
                                      end=1, name=f"{activation}.shape0"),
                     helper.make_node("Slice", [f"{activation}.shape0", _ZERO, _ZERO],
                                      [ties[activation]], name=f"{activation}.tie")]
-            nodes, inits = _nodes_for(name, out, enc, writer, ties[activation])
+            target = _SharedWriter(shared[0], other, name) if other else writer
+            nodes, inits = _nodes_for(name, out, enc, target, ties[activation])
             new_inits.extend(inits)
             quantized |= fmt.quantized
             for node in tie_nodes + nodes:
