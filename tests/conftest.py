@@ -78,3 +78,13 @@ def builtin_build(tmp_path_factory) -> Path:
     out = cwd / "artifacts" / "sdc-tiny-fp32"
     assert proc.stdout.strip() == str(out), proc.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def chunked_tiny(tmp_path_factory) -> Path:
+    """The built-in sdc-tiny with 3 UNet chunks (not the random test model: its full 49k-token
+    CLIP tokenizer, 35 MB resident, outweighs its whole UNet and would hide every UNet plan);
+    shared by the budget and quantization tests."""
+    out = tmp_path_factory.mktemp("budget") / "sdc-tiny-c3"
+    run_sdc("build", "--precision", "fp32", "--unet-chunks", "3", "--out", out)
+    return out

@@ -44,15 +44,6 @@ def _measured_run(build, budget=None, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chunked_tiny(tmp_path_factory):
-    """The built-in sdc-tiny (not the random test model: its full 49k-token CLIP tokenizer, 35 MB
-    resident, outweighs its whole UNet and would hide every UNet plan)."""
-    out = tmp_path_factory.mktemp("budget") / "sdc-tiny-c3"
-    run_sdc("build", "--precision", "fp32", "--unet-chunks", "3", "--out", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def chunked_medium(tmp_path_factory):
     from tiny import make_medium_folder
 

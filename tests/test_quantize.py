@@ -300,24 +300,27 @@ def test_quantize_is_torch_free(build_fp32, tmp_path):
     assert read_manifest(tmp_path / "q4")["precision"] == "int4"
 
 
-def test_chunks_and_tiles_of_a_quantized_build(tmp_path):
+def test_chunks_and_tiles_of_a_quantized_build(chunked_tiny, tmp_path):
     from sdc.runtime.manifest import load_manifest
     from sdc.runtime.unet_chunks import ChunkedUNet
     from sdc.runtime.sessions import open_session
 
-    chunked = tmp_path / "c2"
-    run_sdc("build", "--precision", "fp32", "--unet-chunks", "2", "--out", chunked)
-    out = tmp_path / "c2-int8"  # int8: the UNet meets its target without a search (faster)
-    run_sdc("build", "--from", chunked, "--precision", "int8", "--out", out)
+    out = tmp_path / "c3-int8"  # int8: the UNet meets its target without a search (faster)
+    run_sdc("build", "--from", chunked_tiny, "--precision", "int8", "--out", out)
     m = load_manifest(out)
     unet = m["graphs"]["unet"]
     parts = unet["chunks"]["parts"]
-    assert len(parts) == 2 and unet["chunks"]["parity"]["passed"]
+    assert len(parts) == 3 and unet["chunks"]["parity"]["passed"]
     assert all(c["max_rel"] <= 1e-4 for c in unet["chunks"]["parity"]["chunks"])
     # no chunk boundary carries a dequantized weight
     assert not any(t.endswith(".weight") for p in parts for t in p["inputs"])
     tiled = m["graphs"]["vae_decoder"]["tiled"]
     assert tiled["parity"]["passed"] and tiled["parity"]["value"] <= 1e-4
+    # the segments share the whole decoder's data file: no second copy of its weights
+    assert all(f.startswith("vae_decoder/tiled-") for f in tiled["files"])
+    assert not any(f.endswith("_data") for f in tiled["files"])
+    assert m["graphs"]["vae_decoder"]["files"] == ["vae_decoder/model.onnx",
+                                                   "vae_decoder/model.onnx_data"]
     # the runtime's chunk runner gives the whole quantized graph's output
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
