@@ -153,6 +153,9 @@ def check_unet_chunks(folder: Path, parts: list[dict], spec: GraphSpec, graph_pr
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # the runtime's CPU level (runtime/sessions.py); onnxruntime's full level also fails to keep
+    # a carried Conv output of a quantized UNet as a graph output of the probe below
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if graph_precision == "fp16":
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # see check_graph
     carried = list(dict.fromkeys(t for p in parts[:-1] for t in p["outputs"]))

@@ -222,6 +222,7 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
             consumer_of.setdefault(x, node)
     quantized = False
     ties: dict[str, str] = {}  # activation -> its empty "tie" tensor (one Shape/Slice each)
+    tie_nodes: dict[str, list] = {}  # activation -> the nodes computing its tie
     try:
         for t in list(g.initializer):
             name = t.name
@@ -263,10 +264,9 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
             out = site.transpose or name  # the tensor the consumer reads
             anchor = consumer_of[out]
             activation = anchor.input[1] if site.kind == "gather" else anchor.input[0]
-            tie_nodes = []
             if activation not in ties:
                 ties[activation] = f"{activation}.tie"
-                tie_nodes = [
+                tie_nodes[activation] = [
                     helper.make_node("Shape", [activation], [f"{activation}.shape0"], start=0,
                                      end=1, name=f"{activation}.shape0"),
                     helper.make_node("Slice", [f"{activation}.shape0", _ZERO, _ZERO],
@@ -275,21 +275,29 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
             nodes, inits = _nodes_for(name, out, enc, target, ties[activation])
             new_inits.extend(inits)
             quantized |= fmt.quantized
-            for node in tie_nodes + nodes:
-                node.doc_string = INSERTED  # export/unet_chunks.py never cuts right after these
-            before.setdefault(id(anchor), []).extend(tie_nodes + nodes)
+            before.setdefault(id(anchor), []).append((activation, nodes))
             if site.transpose:
                 dropped_transposes.add(site.transpose)
             layers[name] = {"format": fmt_name, "bytes": enc.nbytes(),
                             **({"block": enc.block} if fmt_name == "int4" else {})}
     finally:
         writer.close()
-    nodes = []
+    # In node order (export/unet_chunks.py cuts by position): an activation's tie goes before the
+    # first layer that reads it, each weight's decode right before its own layer.
+    nodes, emitted = [], set()
     for node in g.node:
         if node.op_type == "Transpose" and node.output[0] in dropped_transposes:
             continue
-        nodes.extend(before.get(id(node), []))
+        for activation, decode in before.get(id(node), []):
+            if activation not in emitted:
+                emitted.add(activation)
+                nodes.extend(tie_nodes[activation])
+            nodes.extend(decode)
         nodes.append(node)
+    inserted = [n for group in tie_nodes.values() for n in group] + \
+        [n for entries in before.values() for _, decode in entries for n in decode]
+    for node in inserted:
+        node.doc_string = INSERTED  # export/unet_chunks.py never cuts right after these
     del g.node[:]
     g.node.extend(nodes)
     del g.initializer[:]
