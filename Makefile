@@ -99,6 +99,7 @@ bench: venv
 	$(PY) bench/budget_fullsize.py --work $(BENCH_DIR) --budgets 3GiB 2GiB
 	$(PY) bench/lora_fullsize.py --work $(BENCH_DIR)
 	$(PY) bench/train_fullsize.py --work $(BENCH_DIR)
+	$(PY) bench/quant_fullsize.py --work $(BENCH_DIR)
 
 # Retrain the built-in sdc-tiny from scratch (~40 min on 2 CPU cores) and evaluate it through the
 # ONNX path; writes export/data/sdc-tiny with its model card.
