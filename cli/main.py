@@ -62,7 +62,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
               help="LoRA to fuse (repeatable), e.g. seal.safetensors:0.8:down=0,mid=1,up=1,te=0.")
 @click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
-              help="Re-fuse --lora into a copy of this existing build, without torch.")
+              help="Start from this existing build, without torch: re-fuse --lora into a copy, "
+                   "and/or quantize it (--precision int8|int4, --stage-precision).")
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Textual-inversion embedding to add (repeatable); TOKEN defaults to its name.")
 @click.pass_obj
