@@ -72,8 +72,9 @@ class _Graph:
                 self.const[node.output[0]] = node
         # A quantized build's weight-decode nodes (DequantizeLinear, Cast and their ties, marked
         # by quant/graph.py): a cut right after one would carry a whole float weight.
-        self.weight_node = {i for i, node in enumerate(self.nodes)
-                            if node.doc_string == "sdc.quant: weight decode"}
+        from ..quant.graph import INSERTED
+
+        self.weight_node = {i for i, node in enumerate(self.nodes) if node.doc_string == INSERTED}
         self.last_read = {}
         first_use = {}
         for i, node in enumerate(self.nodes):

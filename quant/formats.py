@@ -13,7 +13,7 @@ One `WeightFormat` per name, looked up in `FORMATS`; nothing else branches on a 
         the scales themselves stored as uint8 with one float scale per 8 blocks (a "super-block",
         256 weights at block 32, as in llama.cpp's Q4_K). Two blocked DequantizeLinear nodes
         (opset 21): scale = s8 * super, w = (q - zp) * scale. 4.56 bits per weight at block 32,
-        against 5.0 for fp32 block scales and 4.5 for ggml's Q4_0.
+        against 5.125 with fp32 block scales and 4.5 for ggml's Q4_0 (no zero point).
 
 Decoding in numpy performs exactly the arithmetic onnxruntime's DequantizeLinear does (float32
 (q - zp) times a float32 scale), so a weight decoded here is bit-identical to the one the graph
@@ -93,9 +93,10 @@ class WeightFormat:
 
 
 # The targets: int8's 35 dB is Apple's fp16 conversion gate (weight-only int8 per channel measures
-# ~45 dB on sdc-tiny's graphs, so it fails only on real damage); int4's 25 dB is where sdc-tiny's
-# 4-bit UNet lands at block 32 with its images still within the adherence margins (README, "sdc
-# eval"); below ~20 dB the tiny model's shapes visibly drift. fp16 keeps the fp16 build's 35 dB.
+# 46-55 dB on sdc-tiny's graphs, so it fails only on real damage); int4's 25 dB is where sdc-tiny's
+# 4-bit UNet lands at block 32 (24.3 dB with every weight 4-bit, 26.5 dB after the search keeps one
+# group fp16) with adherence within 2 points of fp32 (README, "sdc eval"). fp16 keeps the fp16
+# build's 35 dB.
 FORMATS = {f.name: f for f in (
     WeightFormat("fp32", 32, False, None, "the source's float weights"),
     WeightFormat("fp16", 16, False, 35.0, "half-precision weights, computed in the graph's type"),

@@ -248,6 +248,10 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
                 if site:
                     layers[name] = {"format": "fp32", "bytes": w.nbytes}
                 continue
+            if fmt_name == "fp16" and w.dtype == np.float16:
+                new_inits.append(writer.tensor(name, t.data_type, t.dims, w.tobytes()))
+                layers[name] = {"format": "fp16", "bytes": w.nbytes}
+                continue
             fmt = fm.get(fmt_name)
             stored = site.stored(w)
             other = shared[1].get(name) if shared else None
@@ -257,10 +261,6 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
             else:
                 axis = site.reduce_axis if fmt_name == "int4" else site.channel_axis
                 enc = fmt.encode(stored, axis, block)
-            if fmt_name == "fp16" and w.dtype == np.float16:
-                new_inits.append(writer.tensor(name, t.data_type, t.dims, w.tobytes()))
-                layers[name] = {"format": "fp16", "bytes": w.nbytes}
-                continue
             out = site.transpose or name  # the tensor the consumer reads
             anchor = consumer_of[out]
             activation = anchor.input[1] if site.kind == "gather" else anchor.input[0]

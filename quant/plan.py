@@ -2,12 +2,12 @@
 
 Stage formats come from `--precision` (one recipe per format) and `--stage-precision` overrides.
 The int4 recipe is the seeds' extreme-compression one: the UNet 4-bit, the text encoder 8-bit
-(4-bit text encoders lose the prompt first), the VAE with fp16 weights computed in fp32 (its
+(sdc keeps it, as the seeds do; `--stage-precision text_encoder=int4` is there to measure), the VAE with fp16 weights computed in fp32 (its
 pixels are the image; fp16 *activations* overflow, fp16 weights do not).
 
 Inside a quantized graph some layers are kept in 16 bits by default, as stable-diffusion.cpp and
 the seeds do, and each is named in the manifest with its reason: the UNet's time embedding (every
-block reads it), conv_in/conv_out (the latent interface, 0.1 % of the weights), the VAE's
+block reads it), conv_in/conv_out (the latent interface, a few thousand weights), the VAE's
 (post_)quant_conv, the text encoder's position embedding. An embedding table is quantized at
 8 bits at most (per row). Norms and biases are never touched (they are not Conv/MatMul weights).
 
@@ -31,8 +31,8 @@ RECIPES = {
 # (path component, reason): weights under a module with this name stay in 16 bits.
 KEPT = (
     ("time_embedding", "time embedding: every block reads it"),
-    ("conv_in", "conv_in: the latent interface, 0.1 % of the weights"),
-    ("conv_out", "conv_out: the latent interface, 0.1 % of the weights"),
+    ("conv_in", "conv_in: the latent interface, a few thousand weights"),
+    ("conv_out", "conv_out: the latent interface, a few thousand weights"),
     ("quant_conv", "VAE quant_conv: the latent interface"),
     ("post_quant_conv", "VAE post_quant_conv: the latent interface"),
     ("position_embedding", "position embedding: 77 rows, read by every token"),
@@ -84,7 +84,7 @@ def kept_reason(path: str) -> str | None:
     return next((why for name, why in KEPT if name in parts), None)
 
 
-def weight_format(stage_fmt: str, path: str, kind: str, source_dtype: str) -> tuple[str, str | None]:
+def weight_format(stage_fmt: str, path: str, kind: str) -> tuple[str, str | None]:
     """(format, reason kept or None) for one weight of a stage whose format is `stage_fmt`."""
     if not fm.get(stage_fmt).quantized:
         return stage_fmt, None

@@ -71,6 +71,28 @@ def judge_copy(src: Path, work: Path) -> Path:
     return work / "model.onnx"
 
 
+def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | None = None
+              ) -> list[np.ndarray]:
+    """The graph's first output on each feed (CPU, the runtime's optimisation level), with
+    `weights` replacing external initializers by name."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # no MLAS pre-packing: these sessions live for a few runs, and packing would copy every
+    # weight once more (the search's peak memory)
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    keep = []
+    if weights:
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+        opts.add_external_initializers(list(weights), keep)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    outs = [session.run(None, f)[0] for f in feeds]
+    del session, keep
+    return outs
+
+
 class Judge:
     """PSNR of a graph's output with some weights replaced, against the graph's own output.
     `onnx_path` must hold every weight as external data (`judge_copy`)."""
@@ -82,23 +104,7 @@ class Judge:
         self.evaluations = 0
 
     def _outputs(self, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        # no MLAS pre-packing: a trial session lives for a few runs, and packing would copy
-        # every overridden weight once more (the search's peak memory)
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        weights = {**self.base, **overrides}
-        keep = []
-        if weights:
-            keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
-            opts.add_external_initializers(list(weights), keep)
-        session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        outs = [session.run(None, f)[0] for f in self.feeds]
-        del session, keep
-        return outs
+        return run_graph(self.path, self.feeds, {**self.base, **overrides})
 
     def psnr(self, overrides: dict[str, np.ndarray]) -> float:
         self.evaluations += 1

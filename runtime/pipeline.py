@@ -411,6 +411,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider,
                       initializers=swapped.pop("text_encoder", None), cuda_mem_limit=mem_limit)
     log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
+    watched = observe is not None
     observe = observe or (lambda stage, feeds: None)
     observe("text_encoder", {"input_ids": tokens.ids})
     embeds = te.run({"input_ids": tokens.ids})
@@ -501,7 +502,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     observe("vae_decoder", {"latent_sample": z})
     pixels, providers["vae_decoder"], dec_warnings = decode_latents(
         folder, graphs["vae_decoder"], z, f, tile, opts.provider, log, progress, mem_limit)
-    observe("vae_encoder", {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
+    if watched:  # the pixels are stacked for a caller's hook only, not on every run
+        observe("vae_encoder", {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
     warnings += dec_warnings
     timings["vae_decoder"] = time.perf_counter() - t0
 

@@ -92,9 +92,8 @@ def test_plan_rules():
     assert qp.group_of("text_model.encoder.layers.7.mlp.fc1.weight") == "text_model.encoder.layers.7"
     assert qp.group_of("conv_in.weight") == "conv_in"
     assert qp.group_of("time_embedding.linear_1.weight") == "time_embedding"
-    assert qp.weight_format("int4", "time_embedding.linear_1.weight", "gemm", "float32")[0] == "fp16"
-    assert qp.weight_format("int4", "embeddings.token_embedding.weight", "gather",
-                            "float32")[0] == "int8"
+    assert qp.weight_format("int4", "time_embedding.linear_1.weight", "gemm")[0] == "fp16"
+    assert qp.weight_format("int4", "embeddings.token_embedding.weight", "gather")[0] == "int8"
     assert qp.stage_formats("int4", {"vae_decoder": "fp32"}, ("text_encoder", "unet",
                                                               "vae_decoder")) == {
         "text_encoder": "int8", "unet": "int4", "vae_decoder": "fp32"}
