@@ -70,7 +70,7 @@ $(UV):
 
 lock: $(UV)
 	$(UV) pip compile -q pyproject.toml --extra dev $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(LOCK)
-	$(UV) pip compile -q pyproject.toml --extra runtime --extra quantize $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(RT_LOCK)
+	$(UV) pip compile -q pyproject.toml --extra runtime --extra quantize --extra serve $(LOCK_FLAGS) --custom-compile-command 'make lock' -o $(RT_LOCK)
 
 # Opt-in drift check: the suite against the newest releases the registry serves today, upper
 # bounds in pyproject.toml lifted (requirements/unbounded.py), in its own .venv-latest. Writes

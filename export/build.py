@@ -38,8 +38,9 @@ PRECISIONS = ("fp16", "fp32")  # what torch exports; int8/int4 are quantized fro
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.
 # 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
 # 4: each model folder holds its source component's config.json (what Optimum's pipeline reads) and
-# model_index.json names the build's real scheduler class.
-BUILD_LAYOUT = 4
+# model_index.json names the build's real scheduler class. 5: adapter slots in the UNet and text
+# encoder graphs (export/adapter_slots.py), listed in graphs.<stage>.weights.slots.
+BUILD_LAYOUT = 5
 TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
 
 
@@ -186,7 +187,13 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
             raise AssertionError("fp32 graphs of a component must be exported before fp16 ones")
         t0 = time.perf_counter()
         facts = export_graph(spec, wrap(spec, module), dims, tmp / stage)
-        log(f"[{stage}] exported {graph_precision} ({time.perf_counter() - t0:.1f} s)")
+        if spec.adapter_slots:
+            from .adapter_slots import add_adapter_slots
+
+            slots = add_adapter_slots(tmp / stage / "model.onnx")
+            facts["weights"]["slots"] = [s for s in slots if s in facts["weights"]["data"]]
+        log(f"[{stage}] exported {graph_precision} ({time.perf_counter() - t0:.1f} s)"
+            + (f", {len(facts['weights']['slots'])} adapter slots" if spec.adapter_slots else ""))
         results[stage] = {"graph_precision": graph_precision, **facts}
         if stage == "vae_decoder":
             results[stage]["tiled"] = _export_tiled_decoder(module, spec, dims, tmp / stage, log)

@@ -207,8 +207,11 @@ def rewrite(src: Path, dst: Path, choose: Callable[[Site], tuple[str, int]],
     import onnx
     from onnx import helper
 
+    from ..export.adapter_slots import strip_adapter_slots
+
     overrides = overrides or {}
     proto = onnx.load(str(src), load_external_data=False)
+    strip_adapter_slots(proto)  # its weights are replaced; a quantized build takes no adapters
     reader = WeightReader(src.parent, proto)
     sites = find_sites(proto)
     g = proto.graph

@@ -84,6 +84,9 @@ class GraphSpec:
     # attention as onnxruntime's fused MultiHeadAttention (export/attention.py) instead of
     # MatMul-Softmax-MatMul: no full score matrix (1 GiB per SD1.5 self-attention at 512 px)
     fused_attention: bool = False
+    # LoRA-targetable weights (Linear, 1x1 Conv) as overridable inputs: a warm runtime binds an
+    # adapter's fused weights instead of creating a session per adapter (export/adapter_slots.py)
+    adapter_slots: bool = False
     fp32_max_rel: float = 1e-4  # max|onnx - torch| / max|torch|; exporter noise is ~1e-6
     fp16_min_psnr: float = 35.0  # dB vs the fp32 torch output; Apple's conversion gate
     description: str = ""
@@ -143,6 +146,7 @@ TEXT_ENCODER = GraphSpec(
     inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64"),),
     outputs=(TensorSpec("last_hidden_state", ("batch", "sequence", "hidden_size"), "float32"),),
     dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
+    adapter_slots=True,
     description="CLIP text encoder: token ids -> per-token hidden states (UNet conditioning)",
 )
 
@@ -164,6 +168,7 @@ UNET = GraphSpec(
         "encoder_hidden_states": {0: "batch", 1: "sequence"},
     },
     fused_attention=True,
+    adapter_slots=True,
     description="denoiser: noisy latents, timestep, text states -> predicted noise (or v)",
 )
 
