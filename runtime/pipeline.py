@@ -16,8 +16,6 @@ then its ancestral noise), so each image reproduces alone.
 from __future__ import annotations
 
 import math
-import secrets
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -26,8 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import SdcError
-from .manifest import load_manifest, verify_files
-from .store import contained, read_json_object
+from .manifest import load_manifest
 from .png import a1111_parameters
 
 MAX_STEPS = 1000
@@ -70,6 +67,8 @@ class GenerateOptions:
     # LoRAs fused in numpy at session start (`PATH[:WEIGHT[:BLOCKS]]` strings or LoraSpec) and
     # swapped into the sessions; the build on disk is not changed
     loras: tuple = ()
+    # where `<lora:NAME:WEIGHT>` tags in the prompt are looked up (runtime/prompt_loras.py)
+    lora_dir: Path | None = None
 
 
 @dataclass
@@ -286,10 +285,13 @@ def _default_scheduler(manifest: dict) -> str:
 def plan_run(opts: GenerateOptions):
     """(plan, manifest, options with model defaults) for `opts` without running anything: what
     `sdc run --plan` prints. Validates the options; hashes nothing, decodes no image."""
+    from .prompt_loras import resolve_tags, split_prompt
+
     folder = resolve_artifacts(opts.artifacts)
     manifest = load_manifest(folder)
     opts = with_model_defaults(opts, manifest)
     width, height, _ = _validate(opts, manifest)
+    resolve_tags(split_prompt(opts.prompt)[1], opts.lora_dir)  # a bad <lora:...> fails now
     if opts.init_image is not None:
         multiple = manifest["model"]["vae_scale_factor"] * manifest["model"]["unet_multiple"]
         img = _open_init_image(opts.init_image)
@@ -337,201 +339,17 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None,
                  observe: Callable[[str, dict], None] | None = None) -> GenerateResult:
-    """`observe(stage, feeds)` sees every graph's inputs as they are run (the quantizer's
-    calibration reads real denoising trajectories this way); the final pixels are offered as
-    the vae_encoder's input."""
+    """One request on a one-shot Engine (runtime/engine.py): every input is checked before any
+    file is hashed, then each stage's session is created, used and released in turn."""
+    from .engine import Engine
 
-    from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
-    from .schedulers import make_scheduler
-    from .sessions import free_memory, open_session, resolve_providers
-    from .tokenizer import PromptTokenizer
-    from .unet_chunks import ChunkedUNet
-    from .vae_decode import decode_latents
-
-    import_runtime_libraries()  # the baseline is the interpreter plus these (runtime/memory.py)
-    free_memory()
-    baseline = rss_bytes()
-    exact_peak = reset_peak()
-    log = log or (lambda msg: None)
-    progress = progress or (lambda stage, i, n: None)
-    folder = resolve_artifacts(opts.artifacts)
-    manifest = load_manifest(folder)
-    opts = with_model_defaults(opts, manifest)
-    width, height, sched_name = _validate(opts, manifest)
-    init = img = None
-    if opts.init_image is not None:  # its header gives the size; pixels are decoded after the plan
-        img = _open_init_image(opts.init_image)
+    engine = Engine(opts.artifacts, provider=opts.provider, lora_dir=opts.lora_dir)
     try:
-        if img is not None:
-            width, height = _init_size(img, opts.width, opts.height,
-                                       manifest["model"]["vae_scale_factor"]
-                                       * manifest["model"]["unet_multiple"])
-        plan = _plan(opts, manifest, width, height)  # a budget nothing fits is refused here
-        if img is not None:
-            init = _init_array(img, opts.init_image, width, height)
+        job = engine.prepare(opts)
+        engine.verify(hashes=opts.verify)
+        return engine.run(job, log=log, progress=progress, observe=observe)
     finally:
-        _close_opened(img, opts.init_image)
-    problems = verify_files(folder, manifest, hashes=opts.verify)
-    if problems:
-        raise SdcError(f"{folder}: {len(problems)} artifact file(s) do not match the manifest ("
-                       + "; ".join(problems[:3]) + "); rebuild, or run `sdc verify` for details")
-    resolve_providers(opts.provider)  # an unavailable provider fails before any work
-    swapped, lora_report = _swap_loras(folder, manifest, opts.loras, log)
-    model, graphs = manifest["model"], manifest["graphs"]
-    f, c = model["vae_scale_factor"], model["latent_channels"]
-    warnings: list[str] = []
-    timings: dict[str, float] = {}
-    providers: dict[str, str] = {}
-    seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)  # + batch <= MAX_SEED
-    seeds = [seed + i for i in range(opts.batch)]
-    rngs = [np.random.default_rng(s) for s in seeds]
-
-    lat_shape = (opts.batch, c, height // f, width // f)
-    given = _load_latents(opts.latents, lat_shape) if opts.latents is not None else None
-    if plan is not None:
-        for line in plan.describe():
-            log(f"[plan] {line}")
-    mem_limit = plan.budget if plan is not None else None
-    scheduler = make_scheduler(sched_name, read_json_object(
-        contained(folder, manifest["scheduler"]["config"], "scheduler.config")))
-    cfg = opts.guidance > 1.0
-
-    # 1. text encoder -------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    tok = PromptTokenizer(folder / "tokenizer", manifest["tokenizer"]["max_length"])
-    texts = [opts.negative, opts.prompt] if cfg else [opts.prompt]
-    if manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n tokens
-        from ..fusion.embeddings import expand_prompt
-
-        texts = [expand_prompt(t, manifest["embeddings"]) for t in texts]
-    tokens = tok(texts)
-    for text, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):], tokens.truncated):
-        if cut:
-            warnings.append(f"{text} longer than {tok.max_length} tokens: dropped {cut!r}")
-    te = open_session(folder, "text_encoder", graphs["text_encoder"], opts.provider,
-                      initializers=swapped.pop("text_encoder", None), cuda_mem_limit=mem_limit)
-    log(f"[text_encoder] holding text_encoder on {te.provider} ({te.load_seconds:.1f} s to load)")
-    watched = observe is not None
-    observe = observe or (lambda stage, feeds: None)
-    observe("text_encoder", {"input_ids": tokens.ids})
-    embeds = te.run({"input_ids": tokens.ids})
-    providers["text_encoder"], warnings = te.provider, warnings + te.warnings
-    del te  # release the session: the next stage's weights take its place
-    free_memory()
-    # one row per image: [negative x B, prompt x B] as diffusers orders the CFG batch
-    embeds = np.repeat(embeds, opts.batch, axis=0)
-    timings["text_encoder"] = time.perf_counter() - t0
-
-    # 2. img2img: encode the init image -------------------------------------------------------
-    scheduler.set_timesteps(opts.steps)
-    timesteps = scheduler.timesteps
-    if init is not None:
-        t0 = time.perf_counter()
-        enc = open_session(folder, "vae_encoder", graphs["vae_encoder"], opts.provider,
-                           cuda_mem_limit=mem_limit)
-        log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
-        params = enc.run({"sample": init.astype(np.float32)})
-        providers["vae_encoder"] = enc.provider
-        del enc
-        free_memory()
-        mean, logvar = np.split(params.astype(np.float64), 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        timesteps = scheduler.img2img_timesteps(opts.steps, float(opts.strength))
-        latents = np.empty(lat_shape, np.float32)
-        for i, rng in enumerate(rngs):
-            sample = mean[0] + std[0] * rng.standard_normal(mean.shape[1:])
-            clean = (model["scaling_factor"] * sample).astype(np.float32)[None]
-            noise = given[i : i + 1] if given is not None else \
-                rng.standard_normal(clean.shape, dtype=np.float32)
-            latents[i] = scheduler.add_noise(clean, noise, timesteps[:1])[0]
-        timings["vae_encoder"] = time.perf_counter() - t0
-    elif given is not None:
-        latents = given * np.float32(scheduler.init_noise_sigma)
-    else:
-        latents = np.concatenate([rng.standard_normal((1, *lat_shape[1:]), dtype=np.float32)
-                                  for rng in rngs]) * np.float32(scheduler.init_noise_sigma)
-
-    # 3. denoising loop -----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if plan is not None and plan.unet == "chunks":
-        unet = ChunkedUNet(folder, graphs["unet"], opts.provider, plan.resident,
-                           initializers=swapped.pop("unet", None), cuda_mem_limit=mem_limit)
-        log(f"[unet] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} resident")
-    else:
-        unet = open_session(folder, "unet", graphs["unet"], opts.provider,
-                            initializers=swapped.pop("unet", None), cuda_mem_limit=mem_limit)
-        log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
-    providers["unet"], warnings = unet.provider, warnings + unet.warnings
-    multiple = model["unet_multiple"]
-    rows = 2 * opts.batch if cfg else opts.batch
-    micro = plan.micro if plan is not None else (opts.batch if cfg and opts.cfg_split else rows)
-    def unet_pass(feeds):
-        observe("unet", feeds)
-        return unet.run(feeds, multiple)
-
-    for i, t in enumerate(timesteps):
-        x = np.concatenate([latents, latents]) if cfg else latents
-        x = scheduler.scale_model_input(x, t).astype(np.float32)
-        eps = np.concatenate([
-            unet_pass({"sample": x[s:s + micro], "timestep": np.full(len(x[s:s + micro]), t,
-                                                                    np.float32),
-                       "encoder_hidden_states": embeds[s:s + micro]})
-            for s in range(0, rows, micro)])
-        if cfg:
-            uncond, text = np.split(eps, 2)
-            eps = uncond + np.float32(opts.guidance) * (text - uncond)
-        noise = None
-        if scheduler.stochastic:  # euler-a: fresh noise every step, from each image's own seed
-            noise = np.concatenate([rng.standard_normal((1, *lat_shape[1:]), dtype=np.float32)
-                                    for rng in rngs])
-        latents = scheduler.step(eps.astype(np.float32), t, latents, noise=noise).astype(np.float32)
-        progress("unet", i + 1, len(timesteps))
-    del unet  # release the session: the next stage's weights take its place
-    free_memory()
-    timings["unet"] = time.perf_counter() - t0
-    if not np.isfinite(latents).all():
-        raise SdcError("the denoising loop produced NaN/Inf latents (fp16 overflow?); try the fp32 "
-                       "build or another scheduler")
-
-    # 4. VAE decode ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    z = latents / np.float32(model["scaling_factor"])
-    tile = plan.vae_tile if plan is not None else opts.vae_tile
-    if tile is None:
-        tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
-    observe("vae_decoder", {"latent_sample": z})
-    pixels, providers["vae_decoder"], dec_warnings = decode_latents(
-        folder, graphs["vae_decoder"], z, f, tile, opts.provider, log, progress, mem_limit)
-    if watched:  # the pixels are stacked for a caller's hook only, not on every run
-        observe("vae_encoder", {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
-    warnings += dec_warnings
-    timings["vae_decoder"] = time.perf_counter() - t0
-
-    images, params = _to_images(pixels, opts, manifest, seeds, width, height, sched_name,
-                                any(tokens.truncated), lora_report)
-    peak = peak_bytes() if exact_peak else None
-    memory = {"baseline_bytes": baseline,
-              "peak_bytes": peak - baseline if peak is not None else None,
-              "planned_peak_bytes": plan.peak if plan is not None else None,
-              "budget_bytes": plan.budget if plan is not None else None}
-    return GenerateResult(images, seeds, params, timings, providers, warnings, folder, plan,
-                          memory)
-
-
-def _swap_loras(folder: Path, manifest: dict, loras, log) -> tuple[dict, list]:
-    """Fused weights per stage for `--lora` (numpy, from the build's base weights), and their
-    report; nothing when no LoRA is asked for."""
-    if not loras:
-        return {}, []
-    from ..fusion.artifact import prepare
-    from ..fusion.fuse import LoraSpec, parse_lora_arg
-
-    specs = [lo if isinstance(lo, LoraSpec) else parse_lora_arg(str(lo)) for lo in loras]
-    swapped, lora_report = prepare(folder, manifest, specs)
-    for r in lora_report:
-        log(f"[lora] {r['name']}: weight {r['weight']:g}, {r['layers']} layers swapped in at "
-            "session start")
-    return swapped, [{**r, "applied": "run"} for r in lora_report]
+        engine.close()
 
 
 def _to_images(pixels, opts, manifest, seeds, width, height, sched_name, truncated, swapped=()):

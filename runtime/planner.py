@@ -47,6 +47,7 @@ class StagePlan:
     holds: str  # what is resident while it runs
     peak: int  # estimated bytes above the baseline
     seconds: float
+    held: int = 0  # estimated bytes its session keeps between runs (weights, arena); 0: not kept
 
 
 @dataclass
@@ -69,6 +70,15 @@ class Plan:
     @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    @property
+    def resident_peak(self) -> int | None:
+        """The peak when every stage's session stays loaded across requests (a warm server):
+        each stage's own peak plus what the others hold. None when a stage cannot stay resident
+        (a streamed, chunked UNet)."""
+        if any(not s.held for s in self.stages):
+            return None
+        return max(s.peak + sum(o.held for o in self.stages if o is not s) for s in self.stages)
 
     @property
     def cfg_split(self) -> bool:
@@ -213,20 +223,21 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
     def te_stage() -> StagePlan:
         p = {"batch": rows}
         return StagePlan("text_encoder", "text_encoder", _est(te.peak(p) + fixed),
-                         te.load + te.run(p))
+                         te.load + te.run(p), _est(te.held(p)))
 
     def enc_stage() -> StagePlan:
         enc = _Unit(g["vae_encoder"]["whole"])
         p = {"batch": 1, "lat": lat}
         return StagePlan("vae_encoder", "vae_encoder", _est(enc.peak(p) + fixed + latents),
-                         enc.load + enc.run(p))
+                         enc.load + enc.run(p), _est(enc.held(p)))
 
     def unet_stage(mode: str, resident: tuple, micro: int) -> StagePlan:
         p = {"batch": micro, "lat": lat}
         passes = math.ceil(rows / micro)
         if mode == "whole":
             return StagePlan("unet", "unet (whole)", _est(unet_whole.peak(p) + fixed + latents),
-                             unet_whole.load + steps * passes * unet_whole.run(p))
+                             unet_whole.load + steps * passes * unet_whole.run(p),
+                             _est(unet_whole.held(p)))
         held = {k: chunk_units[k].held(p) for k in resident}
         peak = max(u.peak(p) + sum(v for j, v in held.items() if j != k)
                    for k, u in enumerate(chunk_units))
@@ -244,7 +255,8 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
         unit = dec_tiled if tile else dec_whole
         peak = unit.peak(p) + fixed + pixels * batch
         what = f"vae_decoder segments, {tile}-latent tiles" if tile else "vae_decoder (whole)"
-        return StagePlan("vae_decoder", what, _est(peak), unit.load + batch * unit.run(p))
+        return StagePlan("vae_decoder", what, _est(peak), unit.load + batch * unit.run(p),
+                         _est(unit.held(p)))
 
     unet_modes = [("whole", ())]
     if chunk_units:

@@ -51,9 +51,30 @@ class StageSession:
     # outlive the session
     keep: list = field(default_factory=list)
 
-    def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1,
+            bound: dict | None = None) -> np.ndarray:
+        """The graph's first output. `bound` {slot initializer: OrtValue} overrides adapter slots
+        for this run (an IOBinding: the values are not copied on CPU, and on CUDA they were
+        copied to the device once, when the adapter was bound); empty: the base weights."""
         check_feeds(self.stage, self.graph, feeds, latent_multiple)
-        return self.session.run(None, feeds)[0]
+        if not bound:
+            return self.session.run(None, feeds)[0]
+        io = self.session.io_binding()
+        for name, value in bound.items():
+            io.bind_ortvalue_input(name, value)
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        io.bind_output(self.graph["outputs"][0]["name"])
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
+
+    def slot_values(self, arrays: dict[str, np.ndarray]) -> dict:
+        """OrtValues for `arrays` on this session's device, to pass as `run(bound=...)`."""
+        import onnxruntime as ort
+
+        device = "cuda" if self.provider == _ORT_NAMES["cuda"] else "cpu"
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0)
+                for name, a in arrays.items()}
 
 
 def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",

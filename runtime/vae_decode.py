@@ -20,15 +20,22 @@ from .sessions import free_memory, open_session
 def decode_latents(folder: Path, graph: dict, z: np.ndarray, factor: int, tile: int,
                    provider: str, log: Callable[[str], None],
                    progress: Callable[[str, int, int], None],
-                   cuda_mem_limit: int | None = None) -> tuple[list, str, list[str]]:
+                   cuda_mem_limit: int | None = None,
+                   opener: Callable | None = None) -> tuple[list, str, list[str]]:
     """Pixels [1, 3, H, W] per image of z (latents already divided by the scaling factor);
-    returns (pixels, the provider it ran on, warnings). Sessions are released before return."""
+    returns (pixels, the provider it ran on, warnings). `opener(graph, onnx_file, arena)` gives
+    the sessions and owns them (the Engine keeps them resident); without it they are opened
+    here and released before return."""
+    owned = opener is None
+    if owned:
+        def opener(g, onnx_file=None, arena=True):
+            return open_session(folder, "vae_decoder", g, provider, onnx_file=onnx_file,
+                                arena=arena, cuda_mem_limit=cuda_mem_limit)
     if tile and graph.get("tiled"):
-        return _decode_segmented(folder, graph["tiled"], z, tile, provider, log, progress,
-                                 cuda_mem_limit)
+        return _decode_segmented(graph["tiled"], z, tile, log, progress, opener, owned)
     from .vae_tiling import decode_tiled
 
-    dec = open_session(folder, "vae_decoder", graph, provider, cuda_mem_limit=cuda_mem_limit)
+    dec = opener(graph)
     log(f"[vae_decoder] holding vae_decoder on {dec.provider}"
         + (f" (blended {tile}-latent tiles)" if tile else ""))
     warnings = list(dec.warnings)
@@ -44,17 +51,16 @@ def decode_latents(folder: Path, graph: dict, z: np.ndarray, factor: int, tile: 
         progress("vae_decoder", i + 1, len(z))
     actual = dec.provider
     del dec
-    free_memory()
+    if owned:
+        free_memory()
     return pixels, actual, warnings
 
 
-def _decode_segmented(folder, tiled: dict, z, tile, provider, log, progress, cuda_mem_limit=None):
+def _decode_segmented(tiled: dict, z, tile, log, progress, opener, owned: bool):
     from .vae_segmented import decode_segmented
 
     segments = tiled["segments"]
-    sessions = {s["name"]: open_session(folder, "vae_decoder", tiled, provider,
-                                        onnx_file=s["file"], arena=False,
-                                        cuda_mem_limit=cuda_mem_limit) for s in segments}
+    sessions = {s["name"]: opener(tiled, s["file"], False) for s in segments}
     actual = {s.provider for s in sessions.values()}
     first = next(iter(sessions.values()))
     log(f"[vae_decoder] holding {len(sessions)} decoder segments on {', '.join(sorted(actual))} "
@@ -66,5 +72,6 @@ def _decode_segmented(folder, tiled: dict, z, tile, provider, log, progress, cud
         pixels.append(decode_segmented(run, segments, z[i:i + 1], tile))
         progress("vae_decoder", i + 1, len(z))
     del sessions, first, run
-    free_memory()
+    if owned:
+        free_memory()
     return pixels, ", ".join(sorted(actual)), warnings

@@ -1,0 +1,532 @@
+"""The runtime Engine: one build loaded and verified once, its stages as methods.
+
+`sdc run`, `sdc.runtime.generate` and `sdc serve` all go through it. A request is a
+`GenerateOptions`; `Engine.generate` validates it against the build (runtime/pipeline.py's
+checks), plans it under the memory budget (runtime/planner.py), then composes the stages:
+
+    encode_prompt -> initial_latents (encode_image for img2img) -> denoise -> decode -> images
+
+Sessions: `keep_sessions=False` (`sdc run`) creates each stage's session, uses it and releases it
+before the next, so the process holds one graph's weights at once. `keep_sessions=True` (a warm
+server) keeps them loaded across requests when the plan's resident peak (every stage's session
+held at once) fits the budget; otherwise the request runs streamed, as `sdc run` does, and the
+sessions it released are created again by the next request.
+
+Adapters (runtime/adapters.py): a request's LoRAs are fused from the base weights once and cached
+in an LRU bounded in bytes. Weights that are adapter slots of the graph are bound to the resident
+session per run, so switching between cached adapters creates no session; other weights (LoCon
+3x3 convs, builds made before slots) go in at session creation, so such a session is created for
+that adapter (and again when the adapter changes).
+
+Files: `verify()` hashes every file the manifest lists, once. Before each request the files' sizes,
+modification times and inodes are compared with what was verified, and a changed file is hashed
+again (and refused if it no longer matches), so a build replaced under a running server is never
+half-read.
+
+Semantics follow diffusers' StableDiffusionPipeline so images match it given the same initial
+latents: negative prompt first in the CFG batch, guidance applied only when > 1, latents scaled
+by the scheduler's init sigma, VAE fed latents / scaling_factor, pixels (x / 2 + 0.5) rounded to
+uint8. Seeds: image i of a batch uses seed S + i with numpy's PCG64 for its initial noise (and
+then its ancestral noise), so each image reproduces alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import SdcError
+from .adapters import AdapterCache, FusedSet, fuse_set, parse_specs
+from .manifest import load_manifest, referenced_files, verify_files
+from .pipeline import (AUTO_TILE, AUTO_TILE_ABOVE, GenerateOptions, GenerateResult,
+                       _close_opened, _init_array, _init_size, _load_latents, _open_init_image,
+                       _plan, _to_images, _validate, resolve_artifacts, with_model_defaults)
+from .store import contained, read_json_object
+
+DEFAULT_LORA_CACHE = 2 * 2**30
+
+
+class Cancelled(SdcError):
+    """The request was cancelled (its client went away) before it finished."""
+
+
+@dataclass
+class Job:
+    """A validated, planned request."""
+
+    opts: GenerateOptions  # with the model's defaults filled in; prompt as typed
+    text: str  # the prompt the tokenizer sees (lora tags taken out)
+    width: int
+    height: int
+    scheduler: str
+    plan: object  # planner.Plan or None (builds without a memory profile)
+    init: np.ndarray | None
+    latents: np.ndarray | None  # given initial noise, checked against the request's shape
+    specs: list  # fusion.fuse.LoraSpec, from --lora and <lora:...> tags
+
+
+@dataclass
+class _Run:
+    """One request's state as it moves through the stages."""
+
+    job: Job
+    log: Callable[[str], None]
+    progress: Callable[[str, int, int], None]
+    observe: Callable[[str, dict], None] | None
+    should_stop: Callable[[], str | None]
+    seeds: list[int]
+    rngs: list
+    adapters: FusedSet | None
+    keep: bool
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    providers: dict[str, str] = field(default_factory=dict)
+    truncated: bool = False
+    interrupted: bool = False
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    images: int = 0
+    sessions_created: int = 0
+    adapter_binds: int = 0  # adapter switches served by binding slots (no session created)
+    adapter_sessions: int = 0  # adapter switches that needed a session (weights outside slots)
+    stage_seconds: dict = field(default_factory=dict)  # stage -> [count, total seconds]
+    peak_bytes: int = 0  # the largest per-request peak above the baseline seen
+
+
+class Engine:
+    def __init__(self, artifacts: Path | str | None = None, *, provider: str = "auto",
+                 keep_sessions: bool = False, vram_budget: int | str | None = None,
+                 lora_cache: int | str = DEFAULT_LORA_CACHE, lora_dir: Path | str | None = None):
+        from .memory import parse_size
+        from .sessions import PROVIDERS
+
+        if provider not in PROVIDERS:
+            raise SdcError(f"--provider {provider}: expected one of {', '.join(PROVIDERS)}")
+        self.folder = resolve_artifacts(artifacts)
+        self.manifest = load_manifest(self.folder)
+        self.provider = provider
+        self.keep_sessions = keep_sessions
+        self.vram_budget = vram_budget
+        limit = parse_size(lora_cache) if isinstance(lora_cache, str) else int(lora_cache)
+        self.adapters = AdapterCache(limit)
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.stats = EngineStats()
+        self._sessions: dict[tuple, tuple] = {}  # (stage, onnx file) -> (variant, StageSession)
+        self._bound: dict[str, tuple] = {}  # stage -> (adapter key, {slot: OrtValue})
+        self._verified: dict[str, tuple] | None = None  # file -> (size, mtime_ns, inode)
+        self._tokenizer = None
+        self._scheduler_config = None
+        self.lock = threading.Lock()  # one generation at a time per engine
+
+    # --- the build ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def verify(self, hashes: bool = True) -> None:
+        """Check every listed file (sha256, or sizes only) and remember what was verified."""
+        problems = verify_files(self.folder, self.manifest, hashes=hashes)
+        if problems:
+            raise SdcError(f"{self.folder}: {len(problems)} artifact file(s) do not match the "
+                           "manifest (" + "; ".join(problems[:3]) + "); rebuild, or run "
+                           "`sdc verify` for details")
+        self._verified = {rel: _identity(self.folder / rel)
+                          for rel in referenced_files(self.manifest)} if hashes else {}
+
+    def check_unchanged(self) -> None:
+        """Re-verify any file changed since `verify()` (cheap: a stat per file otherwise)."""
+        if self._verified is None:
+            raise AssertionError("Engine.verify() must run before the first request")
+        changed = [rel for rel, ident in self._verified.items()
+                   if _identity(self.folder / rel) != ident]
+        if changed:
+            self.release()
+            self.verify(hashes=True)  # raises when a changed file no longer matches
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def prepare(self, opts: GenerateOptions) -> Job:
+        """Validate and plan `opts` against this build; reads no weights, hashes nothing."""
+        from .prompt_loras import resolve_tags, split_prompt
+
+        if opts.artifacts is not None and Path(opts.artifacts).resolve() != self.folder.resolve():
+            raise AssertionError("GenerateOptions.artifacts names another build than the Engine's")
+        if opts.vram_budget is None and self.vram_budget is not None:
+            opts = replace(opts, vram_budget=self.vram_budget)
+        opts = with_model_defaults(opts, self.manifest)
+        width, height, sched_name = _validate(opts, self.manifest)
+        text, tags = split_prompt(opts.prompt)
+        specs = parse_specs(opts.loras) + resolve_tags(tags, self.lora_dir)
+        model = self.manifest["model"]
+        init = img = None
+        if opts.init_image is not None:  # the header gives the size; pixels after the plan
+            img = _open_init_image(opts.init_image)
+        try:
+            if img is not None:
+                width, height = _init_size(img, opts.width, opts.height,
+                                           model["vae_scale_factor"] * model["unet_multiple"])
+            plan = _plan(opts, self.manifest, width, height)  # a budget nothing fits: refused
+            if img is not None:
+                init = _init_array(img, opts.init_image, width, height)
+        finally:
+            _close_opened(img, opts.init_image)
+        f = model["vae_scale_factor"]
+        shape = (opts.batch, model["latent_channels"], height // f, width // f)
+        given = _load_latents(opts.latents, shape) if opts.latents is not None else None
+        return Job(opts, text, width, height, sched_name, plan, init, given, specs)
+
+    def generate(self, opts: GenerateOptions, log=None, progress=None, observe=None,
+                 should_stop=None) -> GenerateResult:
+        """One request, start to finish (the server's entry point)."""
+        with self.lock:
+            job = self.prepare(opts)
+            self.check_unchanged()
+            return self.run(job, log=log, progress=progress, observe=observe,
+                            should_stop=should_stop)
+
+    def run(self, job: Job, log=None, progress=None, observe=None,
+            should_stop=None) -> GenerateResult:
+        """`observe(stage, feeds)` sees every graph's inputs as they are run (the quantizer's
+        calibration reads real denoising trajectories this way); the final pixels are offered
+        as the vae_encoder's input. `should_stop()` is asked after every denoising step:
+        "interrupt" ends the loop and decodes the latents so far (A1111's interrupt),
+        "cancel" raises Cancelled."""
+        from .memory import import_runtime_libraries, peak_bytes, reset_peak, rss_bytes
+        from .sessions import free_memory, resolve_providers
+
+        opts, plan = job.opts, job.plan
+        resolve_providers(self.provider)  # an unavailable provider fails before any work
+        keep = self.keep_sessions and plan is not None and plan.resident_peak is not None and (
+            plan.budget is None or plan.resident_peak <= plan.budget)
+        if not keep:
+            self.release()  # a streamed request starts from nothing resident
+        import_runtime_libraries()  # the baseline is the interpreter plus these (memory.py)
+        free_memory()
+        baseline = rss_bytes()
+        exact_peak = reset_peak()
+        seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
+        seeds = [seed + i for i in range(opts.batch)]
+        run = _Run(job, log or (lambda msg: None), progress or (lambda stage, i, n: None),
+                   observe, should_stop or (lambda: None), seeds,
+                   [np.random.default_rng(s) for s in seeds], None, keep)
+        if plan is not None:
+            for line in plan.describe():
+                run.log(f"[plan] {line}")
+            if self.keep_sessions:
+                run.log("[plan] sessions " + ("stay resident across requests" if keep else
+                                              "streamed (their resident peak exceeds the budget)"))
+        run.adapters = self.adapter_set(job.specs, run.log)
+        self.stats.requests += 1
+        embeds = self.encode_prompt(run)
+        latents, timesteps, scheduler = self.initial_latents(run)
+        latents = self.denoise(run, latents, embeds, timesteps, scheduler)
+        pixels = self.decode(run, latents)
+        report = run.adapters.report if run.adapters else []
+        images, params = _to_images(pixels, opts, self.manifest, seeds, job.width, job.height,
+                                    job.scheduler, run.truncated, report)
+        self.stats.images += len(images)
+        peak = peak_bytes() if exact_peak else None
+        if peak is not None:
+            self.stats.peak_bytes = max(self.stats.peak_bytes, peak - baseline)
+        memory = {"baseline_bytes": baseline,
+                  "peak_bytes": peak - baseline if peak is not None else None,
+                  "planned_peak_bytes": plan.peak if plan is not None else None,
+                  "budget_bytes": plan.budget if plan is not None else None}
+        if run.interrupted:
+            run.warnings.append("interrupted: the images are decoded from the latents reached")
+        return GenerateResult(images, seeds, params, run.timings, run.providers, run.warnings,
+                              self.folder, plan, memory)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def adapter_set(self, specs: list, log) -> FusedSet | None:
+        if not specs:
+            return None
+        key = self.adapters.key(specs)
+        entry = self.adapters.get(key)
+        if entry is None:
+            t0 = time.perf_counter()
+            entry = fuse_set(self.folder, self.manifest, specs, key)
+            self.adapters.stats.fuse_seconds += time.perf_counter() - t0
+            self.adapters.put(entry)
+            for r in entry.report:
+                log(f"[lora] {r['name']}: weight {r['weight']:g}, {r['layers']} layers fused "
+                    f"({time.perf_counter() - t0:.2f} s)")
+        else:
+            log(f"[lora] {', '.join(r['name'] for r in entry.report)}: fused weights cached")
+        return entry
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def _session(self, run: _Run, stage: str, graph: dict, onnx_file: str | None = None,
+                 arena: bool = True, prepack: bool = True):
+        """The stage's session for this run's adapters: resident when it can stay, else new."""
+        from .sessions import free_memory, open_session
+
+        swaps = (run.adapters.swaps.get(stage) if run.adapters else None) or None
+        variant = run.adapters.key if swaps else None
+        k = (stage, onnx_file or "")
+        held = self._sessions.get(k)
+        if held is not None and held[0] == variant:
+            return held[1]
+        if held is not None:  # another adapter's weights are baked into it: replace it
+            del self._sessions[k], held
+            self._bound.pop(stage, None)
+            free_memory()
+        if variant is not None:
+            self.stats.adapter_sessions += 1
+            run.log(f"[lora] {stage}: {len(swaps)} adapter weights are outside the build's "
+                    "adapter slots; creating a session with them")
+        budget = run.job.plan.budget if run.job.plan is not None else None
+        session = open_session(self.folder, stage, graph, self.provider, onnx_file=onnx_file,
+                               arena=arena, initializers=swaps, prepack=prepack,
+                               cuda_mem_limit=budget)
+        self.stats.sessions_created += 1
+        run.warnings += [w for w in session.warnings if w not in run.warnings]
+        if run.keep:
+            self._sessions[k] = (variant, session)
+        return session
+
+    def _bound_slots(self, run: _Run, stage: str, session) -> dict | None:
+        """{slot: OrtValue} to bind for this run's adapters (None: the base weights). A resident
+        session keeps its adapter's values between requests, so asking again costs nothing."""
+        arrays = run.adapters.slots.get(stage) if run.adapters else None
+        if not arrays:
+            return None
+        held = self._bound.get(stage)
+        if held is not None and held[0] == run.adapters.key and held[2] is session:
+            return held[1]
+        values = session.slot_values(arrays)
+        self.stats.adapter_binds += 1
+        if run.keep:
+            self._bound[stage] = (run.adapters.key, values, session)
+        return values
+
+    def _done(self, run: _Run, stage: str) -> None:
+        """After a stage: a streamed run frees its session before the next stage's loads."""
+        from .sessions import free_memory
+
+        if not run.keep:
+            free_memory()
+
+    def release(self) -> None:
+        """Drop every resident session (the adapter cache stays)."""
+        from .sessions import free_memory
+
+        if self._sessions or self._bound:
+            self._sessions.clear()
+            self._bound.clear()
+            free_memory()
+
+    def close(self) -> None:
+        self.release()
+        self.adapters.clear()
+
+    def _timed(self, run: _Run, stage: str, t0: float) -> None:
+        seconds = time.perf_counter() - t0
+        run.timings[stage] = seconds
+        count_total = self.stats.stage_seconds.setdefault(stage, [0, 0.0])
+        count_total[0] += 1
+        count_total[1] += seconds
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def tokenizer(self):
+        from .tokenizer import PromptTokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = PromptTokenizer(self.folder / "tokenizer",
+                                              self.manifest["tokenizer"]["max_length"])
+        return self._tokenizer
+
+    def encode_prompt(self, run: _Run) -> np.ndarray:
+        """Text states, one row per UNet row: [negative x B, prompt x B] under CFG."""
+        t0 = time.perf_counter()
+        opts = run.job.opts
+        tok = self.tokenizer()
+        cfg = opts.guidance > 1.0
+        texts = [opts.negative, run.job.text] if cfg else [run.job.text]
+        if self.manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n
+            from ..fusion.embeddings import expand_prompt
+
+            texts = [expand_prompt(t, self.manifest["embeddings"]) for t in texts]
+        tokens = tok(texts)
+        for what, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):],
+                             tokens.truncated):
+            if cut:
+                run.warnings.append(f"{what} longer than {tok.max_length} tokens: dropped {cut!r}")
+        run.truncated = any(tokens.truncated)
+        graph = self.manifest["graphs"]["text_encoder"]
+        te = self._session(run, "text_encoder", graph)
+        run.log(f"[text_encoder] holding text_encoder on {te.provider} "
+                f"({te.load_seconds:.1f} s to load)")
+        if run.observe:
+            run.observe("text_encoder", {"input_ids": tokens.ids})
+        embeds = te.run({"input_ids": tokens.ids}, bound=self._bound_slots(run, "text_encoder", te))
+        run.providers["text_encoder"] = te.provider
+        del te  # a streamed run releases the session here: the next stage's weights take its place
+        self._done(run, "text_encoder")
+        self._timed(run, "text_encoder", t0)
+        return np.repeat(embeds, opts.batch, axis=0)
+
+    def scheduler(self, name: str):
+        from .schedulers import make_scheduler
+
+        if self._scheduler_config is None:
+            self._scheduler_config = read_json_object(contained(
+                self.folder, self.manifest["scheduler"]["config"], "scheduler.config"))
+        return make_scheduler(name, self._scheduler_config)
+
+    def initial_latents(self, run: _Run):
+        """(latents, timesteps, scheduler): noise for txt2img, the noised init image for img2img."""
+        job, opts = run.job, run.job.opts
+        model = self.manifest["model"]
+        f, c = model["vae_scale_factor"], model["latent_channels"]
+        shape = (opts.batch, c, job.height // f, job.width // f)
+        given = job.latents
+        scheduler = self.scheduler(job.scheduler)
+        scheduler.set_timesteps(opts.steps)
+        if job.init is not None:
+            timesteps = scheduler.img2img_timesteps(opts.steps, float(opts.strength))
+            return self.encode_image(run, scheduler, timesteps, shape, given), timesteps, scheduler
+        if given is not None:
+            return given * np.float32(scheduler.init_noise_sigma), scheduler.timesteps, scheduler
+        noise = np.concatenate([rng.standard_normal((1, *shape[1:]), dtype=np.float32)
+                                for rng in run.rngs])
+        return noise * np.float32(scheduler.init_noise_sigma), scheduler.timesteps, scheduler
+
+    def encode_image(self, run: _Run, scheduler, timesteps, shape, given) -> np.ndarray:
+        """img2img: the init image through vae_encoder, sampled and noised to the first step."""
+        t0 = time.perf_counter()
+        model = self.manifest["model"]
+        enc = self._session(run, "vae_encoder", self.manifest["graphs"]["vae_encoder"])
+        run.log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
+        params = enc.run({"sample": run.job.init.astype(np.float32)})
+        run.providers["vae_encoder"] = enc.provider
+        del enc
+        self._done(run, "vae_encoder")
+        mean, logvar = np.split(params.astype(np.float64), 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = np.empty(shape, np.float32)
+        for i, rng in enumerate(run.rngs):
+            sample = mean[0] + std[0] * rng.standard_normal(mean.shape[1:])
+            clean = (model["scaling_factor"] * sample).astype(np.float32)[None]
+            noise = given[i : i + 1] if given is not None else \
+                rng.standard_normal(clean.shape, dtype=np.float32)
+            latents[i] = scheduler.add_noise(clean, noise, timesteps[:1])[0]
+        self._timed(run, "vae_encoder", t0)
+        return latents
+
+    def denoise(self, run: _Run, latents, embeds, timesteps, scheduler) -> np.ndarray:
+        """The denoising loop; stops early on should_stop()."""
+        from .unet_chunks import ChunkedUNet
+
+        t0 = time.perf_counter()
+        opts, plan = run.job.opts, run.job.plan
+        graph = self.manifest["graphs"]["unet"]
+        bound = None
+        if plan is not None and plan.unet == "chunks":  # streamed: weights go in at creation
+            fused = {**run.adapters.slots.get("unet", {}), **run.adapters.swaps.get("unet", {})} \
+                if run.adapters else None
+            unet = ChunkedUNet(self.folder, graph, self.provider, plan.resident,
+                               initializers=fused or None, cuda_mem_limit=plan.budget)
+            self.stats.sessions_created += len(plan.resident) or 1
+            run.log(f"[unet] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} resident")
+            run.warnings += unet.warnings
+        else:
+            unet = self._session(run, "unet", graph)
+            bound = self._bound_slots(run, "unet", unet)
+            run.log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
+        run.providers["unet"] = unet.provider
+        cfg = opts.guidance > 1.0
+        multiple = self.manifest["model"]["unet_multiple"]
+        rows = 2 * opts.batch if cfg else opts.batch
+        micro = plan.micro if plan is not None else (opts.batch if cfg and opts.cfg_split else rows)
+        shape = latents.shape
+
+        def unet_pass(feeds):
+            if run.observe:
+                run.observe("unet", feeds)
+            if bound:
+                return unet.run(feeds, multiple, bound=bound)
+            return unet.run(feeds, multiple)
+
+        for i, t in enumerate(timesteps):
+            x = np.concatenate([latents, latents]) if cfg else latents
+            x = scheduler.scale_model_input(x, t).astype(np.float32)
+            eps = np.concatenate([
+                unet_pass({"sample": x[s:s + micro],
+                           "timestep": np.full(len(x[s:s + micro]), t, np.float32),
+                           "encoder_hidden_states": embeds[s:s + micro]})
+                for s in range(0, rows, micro)])
+            if cfg:
+                uncond, text = np.split(eps, 2)
+                eps = uncond + np.float32(opts.guidance) * (text - uncond)
+            noise = None
+            if scheduler.stochastic:  # euler-a: fresh noise every step, from each image's seed
+                noise = np.concatenate([rng.standard_normal((1, *shape[1:]), dtype=np.float32)
+                                        for rng in run.rngs])
+            latents = scheduler.step(eps.astype(np.float32), t, latents,
+                                     noise=noise).astype(np.float32)
+            run.progress("unet", i + 1, len(timesteps))
+            stop = run.should_stop()
+            if stop == "cancel":
+                raise Cancelled("cancelled: the request's client went away")
+            if stop == "interrupt" and i + 1 < len(timesteps):
+                run.interrupted = True
+                run.log(f"[unet] interrupted after step {i + 1} of {len(timesteps)}")
+                break
+        unet = bound = None  # a streamed run releases the session here (the closure holds them)
+        self._done(run, "unet")
+        self._timed(run, "unet", t0)
+        if not np.isfinite(latents).all():
+            raise SdcError("the denoising loop produced NaN/Inf latents (fp16 overflow?); try the "
+                           "fp32 build or another scheduler")
+        return latents
+
+    def decode(self, run: _Run, latents) -> list:
+        """Pixels [1, 3, H, W] per image (whole decoder or exact tiles, as planned)."""
+        from .vae_decode import decode_latents
+
+        t0 = time.perf_counter()
+        model = self.manifest["model"]
+        plan, opts = run.job.plan, run.job.opts
+        z = latents / np.float32(model["scaling_factor"])
+        tile = plan.vae_tile if plan is not None else opts.vae_tile
+        if tile is None:
+            tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
+        if run.observe:
+            run.observe("vae_decoder", {"latent_sample": z})
+
+        def opener(graph, onnx_file=None, arena=True):
+            return self._session(run, "vae_decoder", graph, onnx_file, arena)
+
+        pixels, run.providers["vae_decoder"], warnings = decode_latents(
+            self.folder, self.manifest["graphs"]["vae_decoder"], z, model["vae_scale_factor"],
+            tile, self.provider, run.log, run.progress, opener=opener)
+        self._done(run, "vae_decoder")
+        if run.observe:  # the pixels are stacked for a caller's hook only, not on every run
+            run.observe("vae_encoder",
+                        {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
+        run.warnings += warnings
+        self._timed(run, "vae_decoder", t0)
+        return pixels
+
+
+def _identity(path: Path) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
