@@ -282,6 +282,9 @@ add_commands(cli)
 from .eval_cmd import add_commands as add_eval_commands  # noqa: E402  (eval)
 
 add_eval_commands(cli)
+from .serve_cmd import add_commands as add_serve_commands  # noqa: E402  (serve)
+
+add_serve_commands(cli, (_INT, _FLOAT))
 
 
 def _cancel_on_signals() -> tuple[threading.Event, dict]:

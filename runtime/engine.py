@@ -246,7 +246,7 @@ class Engine:
         if run.interrupted:
             run.warnings.append("interrupted: the images are decoded from the latents reached")
         return GenerateResult(images, seeds, params, run.timings, run.providers, run.warnings,
-                              self.folder, plan, memory)
+                              self.folder, plan, memory, opts, job.scheduler, run.interrupted)
 
     # --- adapters -------------------------------------------------------------------------------
 

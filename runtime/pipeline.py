@@ -84,6 +84,9 @@ class GenerateResult:
     # baseline / measured peak above it / planned peak / budget, bytes; measuring resets the
     # process's VmHWM at the start of the run (runtime/memory.py)
     memory: dict = field(default_factory=dict)
+    options: object = None  # the GenerateOptions run, with the model's defaults filled in
+    scheduler: str | None = None  # the sdc scheduler that ran
+    interrupted: bool = False  # stopped early (A1111's interrupt): decoded from the latents reached
 
 
 def resolve_artifacts(artifacts: Path | str | None) -> Path:

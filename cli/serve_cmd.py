@@ -1,0 +1,55 @@
+"""`sdc serve`: flags -> sdc.serve.app.ServeConfig -> uvicorn. Torch-free like `sdc run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def add_commands(cli: click.Group, number_types) -> None:
+    _INT, _ = number_types
+
+    @cli.command("serve")
+    @click.option("--artifacts", "-a", type=click.Path(path_type=Path), default=Path("artifacts"),
+                  show_default=True, help="A build, or a folder of builds (each one a model).")
+    @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+                  help="Folder of LoRA .safetensors files that <lora:NAME:WEIGHT> tags name.")
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to bind; anything but loopback needs --api-auth.")
+    @click.option("--port", type=_INT, default=7860, show_default=True)
+    @click.option("--api-auth", default=None, metavar="USER:PASS",
+                  help="HTTP basic auth on every route but /health.")
+    @click.option("--max-queue", type=_INT, default=8, show_default=True,
+                  help="Requests waiting behind the running one; more get 503 + Retry-After.")
+    @click.option("--vram-budget", default=None, metavar="SIZE",
+                  help="Memory budget per request (e.g. 4GiB); sessions stay resident only "
+                       "when they all fit in it.")
+    @click.option("--lora-cache", default="2GiB", show_default=True, metavar="SIZE",
+                  help="Bytes of fused adapter weights kept (LRU).")
+    @click.option("--provider", default="auto", show_default=True, help="auto|cpu|cuda")
+    @click.option("--model", default=None, help="The model loaded first (name) [default: the first].")
+    @click.option("--max-steps", type=_INT, default=150, show_default=True)
+    @click.option("--max-size", type=_INT, default=2048, show_default=True,
+                  help="Largest width/height in pixels.")
+    @click.option("--max-images", type=_INT, default=16, show_default=True,
+                  help="batch_size x n_iter per request.")
+    @click.option("--max-body", default="32MiB", show_default=True, metavar="SIZE",
+                  help="Largest request body (init images travel in it).")
+    def serve(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget, lora_cache,
+              provider, model, max_steps, max_size, max_images, max_body) -> None:
+        """Serve builds over AUTOMATIC1111's HTTP API, with a web page at /."""
+        import uvicorn
+
+        from ..runtime.memory import parse_size
+        from ..serve.a1111 import Limits
+        from ..serve.app import ServeConfig, check_config, create_app
+
+        cfg = ServeConfig(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget,
+                          lora_cache, provider, model, parse_size(max_body),
+                          Limits(max_steps=max_steps, max_side=max_size, max_images=max_images))
+        check_config(cfg)  # unsafe or impossible settings fail before any build is read
+        app = create_app(cfg)
+        click.echo(f"sdc serve: {app.state.service.models.current.title} on http://{host}:{port}/"
+                   + (" (basic auth)" if api_auth else ""), err=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
