@@ -27,9 +27,10 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DOCS_SHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-page.png"
 UPDATE_DOCS = os.environ.get("SDC_UPDATE_DOCS") == "1"
 # (width/height, steps, window): the test's own run, or the docs screenshot's nicer one. The page
-# polls progress every 250 ms, so the run must last several polls: the tiny model samples 64x64 at
-# ~2 ms a step (30 steps: ~50 ms, over before the first poll), 128x128 at ~25 ms (80 steps: ~2 s).
-SIZE, STEPS, WINDOW = (256, 20, (1200, 900)) if UPDATE_DOCS else (128, 80, (1000, 800))
+# polls progress every 250 ms, so the run must outlast several polls. Measured on the warm server
+# (2 cores): 64x64 at 30 steps is over in ~0.2 s and the bar never shows a mid value; 128x128 at
+# 120 steps takes 1-3 s (~10 mid values); 256x256 at 20 steps ~3 s.
+SIZE, STEPS, WINDOW = (256, 20, (1200, 900)) if UPDATE_DOCS else (128, 120, (1000, 800))
 SEED = 4242
 PROMPT = "a red circle on a blue background"
 
@@ -134,7 +135,8 @@ def drive_page(driver, srv, shot_dir: Path) -> None:
     weight = driver.find_element("css selector", f"{seal} .lora-weight")
     weight.clear()
     weight.send_keys("0.8")
-    driver.find_element("css selector", f"{seal} .trigger").click()  # "sks seal" → prompt
+    next(b for b in driver.find_elements("css selector", f"{seal} .trigger")
+         if b.text == "sks seal").click()  # the trigger word → the prompt
     assert driver.find_element("id", "prompt").get_attribute("value") == f"{PROMPT}, sks seal"
 
     driver.find_element("id", "generate").click()
