@@ -17,7 +17,7 @@ RT_VENV := .venv-runtime
 # find-links there already); elsewhere, PyTorch's CPU index.
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: venv venv-runtime runtime-check demo test test-latest lock bench tiny-model clean interop interop-lock
+.PHONY: venv venv-runtime runtime-check demo test test-browser browser-deps test-latest lock bench tiny-model clean interop interop-lock
 
 # The lock installs everything (torch first in its own call, so nothing can pull another torch),
 # then sdc itself without dependencies; `pip check` proves the set is consistent.
@@ -54,6 +54,9 @@ runtime-check: venv venv-runtime
 	    --out artifacts/sdc-tiny-runtime-check-int4 --force
 	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check-int4 \
 	    --seed 0 --out outputs/runtime-check-int4.png
+	$(RT_VENV)/bin/python requirements/serve_smoke.py $(RT_VENV)/bin/sdc artifacts/sdc-tiny-runtime-check \
+	    outputs/runtime-check-serve.png
+	cmp outputs/runtime-check.png outputs/runtime-check-serve.png
 
 # Locks: uv resolves pyproject.toml's extras for this project's machines (CPython 3.11, x86-64
 # Linux) with the torch pin as a constraint. Run after changing dependencies in pyproject.toml,
@@ -89,6 +92,15 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The web page in a real headless browser (tests marked `browser`): Debian's chromium and its
+# driver, installed here when missing (apt, as root), then those tests only.
+browser-deps:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	    { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+test-browser: venv browser-deps
+	$(PY) -m pytest -q -m browser
 
 # Full-size SD1.5 architecture (random weights): build and run time, peak RSS, sizes, against
 # a bare torch export and diffusers' pipeline. Not a test; ~30 min on 2 cores, ~25 GB in BENCH_DIR.
