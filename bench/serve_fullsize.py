@@ -366,6 +366,9 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--provider", default="auto")
     ap.add_argument("--requests", type=int, default=3, help="timed warm requests (part 1)")
+    ap.add_argument("--lora-steps", type=int, default=None,
+                    help="steps of the LoRA requests (part 2) [default: --steps]; fewer steps "
+                         "make the with/without-switch difference less noisy")
     ap.add_argument("--cached-switches", type=int, default=4,
                     help="A, B, A, ... requests between cached adapters (part 2)")
     ap.add_argument("--switches", type=int, default=100, help="switches for memory growth")
@@ -378,6 +381,8 @@ def main() -> None:
     build = args.build.resolve()
     if not (build / "manifest.json").is_file():
         sys.exit(f"{build}: no manifest.json; expected a build (sdc build --out DIR)")
+    if args.cached_switches < 1:
+        sys.exit("--cached-switches: expected at least 1")
     if args.switches < 10:
         sys.exit("--switches: expected at least 10 (growth is measured from the 10th)")
     name = build.name
@@ -390,6 +395,12 @@ def main() -> None:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.make_loras:
         res["loras"] = make_loras(build, lora_dir, [a, b], args.rank, targets)
+        made = res["loras"][a]
+        print(f"LoRA files in {lora_dir}: {made['modules']} modules each, "
+              f"{made['modules_in_slots']} of them adapter slots", flush=True)
+        if made["modules_in_slots"] < made["modules"]:
+            print("  note: weights outside the slots go in at session creation, so each switch "
+                  "creates a session", flush=True)
     else:
         missing = [n for n in (a, b) if not (lora_dir / f"{n}.safetensors").is_file()]
         if missing:
@@ -435,10 +446,11 @@ def main() -> None:
               f"identical: {warm['identical_to_cold']}", flush=True)
 
         # 2. LoRA switching over HTTP
-        print("LoRA switching ...", flush=True)
+        lora_steps = args.lora_steps or args.steps
+        print(f"LoRA switching ({lora_steps} steps) ...", flush=True)
 
         def lora(n):
-            return srv.txt2img(f"{args.prompt} <lora:{n}:{args.lora_weight:g}>", args.steps,
+            return srv.txt2img(f"{args.prompt} <lora:{n}:{args.lora_weight:g}>", lora_steps,
                                args.width, args.height)
 
         rows, pngs = [], {a: [], b: []}
@@ -465,7 +477,9 @@ def main() -> None:
         res["lora_http"] = {
             "requests": rows,
             "request_s_median_same_adapter": r3(same),
-            "request_s_median_no_lora": warm["request_s_median"],
+            "steps": lora_steps,
+            "request_s_median_no_lora": warm["request_s_median"] if lora_steps == args.steps
+            else None,
             "switch_cost_first_use_s": [r3(t - same) for t in firsts],
             "switch_cost_cached_s_median": r3(med(cached) - same) if cached else None,
             "switch_cost_cached_s": [r3(t - same) for t in cached],
@@ -537,21 +551,23 @@ def table(res: dict) -> None:
         f"{'warm first request (sessions created)':44} {w['first_request']['wall_s']:9.3f} s",
         f"{'warm request (median of %d)' % len(w['requests']):44} {w['request_s_median']:9.3f} s"
         f"   peak RSS {w['peak_rss_gib']:.3f} GiB   x{w['speedup_vs_cold']} vs cold",
-        f"{'warm image == cold image (pixels)':44} {w['identical_to_cold']}",
-        "LoRA requests (wall = stages + other):",
+        f"{'warm image == cold image (pixels)':44} {str(w['identical_to_cold']):>9}",
+        f"LoRA requests, {lh['steps']} steps (wall = stages + other):",
     ]
     for r in lh["requests"]:
         stages = " ".join(f"{k} {v:.3f}" for k, v in r["stages_s"].items())
         lines.append(f"  {r['adapter']:10} {r['kind']:14} {r['wall_s']:8.3f} s = {stages} "
                      f"+ other {r['other_s']:.3f}")
     lines += [
-        f"{'switch cost, first use (s)':44} {lh['switch_cost_first_use_s']}",
-        f"{'switch cost, cached (median, s)':44} {lh['switch_cost_cached_s_median']}",
+        f"{'switch cost, first use A / B':44} "
+        + " / ".join(f"{x:.4f}" for x in lh["switch_cost_first_use_s"]) + " s",
+        f"{'switch cost, cached (median)':44} {lh['switch_cost_cached_s_median']:9.4f} s",
         f"{'metrics over cached switches':44} " + ", ".join(
             f"{k.removeprefix('sdc_').removesuffix('_total')} {v:g}"
             for k, v in lh["metrics_cached_switches"].items()),
-        f"{'cached switch created no session':44} {lh['cached_switch_created_no_session']}",
-        f"{'A -> B -> A gives A bit for bit':44} {lh['a_repeat_identical'] and lh['b_repeat_identical']}",
+        f"{'cached switch created no session':44} {str(lh['cached_switch_created_no_session']):>9}",
+        f"{'A -> B -> A gives A bit for bit':44} "
+        f"{str(lh['a_repeat_identical'] and lh['b_repeat_identical']):>9}",
         f"{'in-process adapter_set miss (median)':44} {d['adapter_set_miss_s']['median']:9.4f} s",
         f"{'in-process adapter_set hit (median)':44} {d['adapter_set_hit_s']['median']:9.4f} s",
     ]
