@@ -97,8 +97,10 @@ class EngineStats:
     requests: int = 0
     images: int = 0
     sessions_created: int = 0
-    adapter_binds: int = 0  # adapter switches served by binding slots (no session created)
-    adapter_sessions: int = 0  # adapter switches that needed a session (weights outside slots)
+    # per stage session: an adapter's weights bound to its slots (no session created), and
+    # sessions created because an adapter has weights outside the slots
+    adapter_binds: int = 0
+    adapter_sessions: int = 0
     stage_seconds: dict = field(default_factory=dict)  # stage -> [count, total seconds]
     peak_bytes: int = 0  # the largest per-request peak above the baseline seen
 
@@ -126,6 +128,7 @@ class Engine:
         self._verified: dict[str, tuple] | None = None  # file -> (size, mtime_ns, inode)
         self._tokenizer = None
         self._scheduler_config = None
+        self._baseline = 0
         self.lock = threading.Lock()  # one generation at a time per engine
 
     # --- the build ------------------------------------------------------------------------------
@@ -213,7 +216,11 @@ class Engine:
             self.release()  # a streamed request starts from nothing resident
         import_runtime_libraries()  # the baseline is the interpreter plus these (memory.py)
         free_memory()
-        baseline = rss_bytes()
+        if not self._sessions:
+            self._baseline = rss_bytes()
+        # with sessions resident from earlier requests, the baseline stays the one measured
+        # before they were loaded: the peak reported (and held to the budget) includes them
+        baseline = self._baseline
         exact_peak = reset_peak()
         seed = opts.seed if opts.seed is not None else secrets.randbelow(2**32)
         seeds = [seed + i for i in range(opts.batch)]
@@ -226,7 +233,10 @@ class Engine:
             if self.keep_sessions:
                 run.log("[plan] sessions " + ("stay resident across requests" if keep else
                                               "streamed (their resident peak exceeds the budget)"))
-        run.adapters = self.adapter_set(job.specs, run.log)
+        if job.specs:
+            t0 = time.perf_counter()
+            run.adapters = self.adapter_set(job.specs, run.log)
+            self._timed(run, "lora", t0)  # hashing known files + a cache hit, or the fusion
         self.stats.requests += 1
         embeds = self.encode_prompt(run)
         latents, timesteps, scheduler = self.initial_latents(run)

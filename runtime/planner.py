@@ -101,6 +101,9 @@ class Plan:
                   for s in self.stages]
         lines.append(f"total       peak {fmt_bytes(self.peak)} above baseline, ~{self.seconds:.0f} s "
                      "(estimates from the build's measured profile)")
+        if self.resident_peak is not None:
+            lines.append(f"resident    every session kept across requests (sdc serve): peak "
+                         f"{fmt_bytes(self.resident_peak)}")
         return lines
 
 

@@ -50,11 +50,13 @@ class _Live:
         yield CounterMetricFamily("sdc_images", "Images generated", value=s.images)
         yield CounterMetricFamily("sdc_sessions_created", "onnxruntime sessions created",
                                   value=s.sessions_created)
-        yield CounterMetricFamily("sdc_adapter_binds", "Adapter switches served by binding "
-                                  "slots to a resident session", value=s.adapter_binds)
-        yield CounterMetricFamily("sdc_adapter_sessions", "Adapter switches that created a "
-                                  "session (weights outside the adapter slots)",
-                                  value=s.adapter_sessions)
+        yield CounterMetricFamily("sdc_adapter_binds", "Stage sessions given an adapter's "
+                                  "weights by binding its slots (no session created)",
+                                  value=s.adapter_binds)
+        yield CounterMetricFamily("sdc_adapter_sessions", "Stage sessions created for an "
+                                  "adapter's weights outside the slots", value=s.adapter_sessions)
+        yield CounterMetricFamily("sdc_adapter_fuse_seconds", "Seconds spent fusing adapters "
+                                  "(cache misses)", value=cache.stats.fuse_seconds)
         yield CounterMetricFamily("sdc_adapter_cache_hits", "Adapter-cache hits",
                                   value=cache.stats.hits)
         yield CounterMetricFamily("sdc_adapter_cache_misses", "Adapter-cache misses (fusions)",
