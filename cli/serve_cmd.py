@@ -8,7 +8,7 @@ import click
 
 
 def add_commands(cli: click.Group, number_types) -> None:
-    _INT, _ = number_types
+    _INT, _FLOAT = number_types
 
     @cli.command("serve")
     @click.option("--artifacts", "-a", type=click.Path(path_type=Path), default=Path("artifacts"),
@@ -36,8 +36,28 @@ def add_commands(cli: click.Group, number_types) -> None:
                   help="batch_size x n_iter per request.")
     @click.option("--max-body", default="32MiB", show_default=True, metavar="SIZE",
                   help="Largest request body (init images travel in it).")
+    @click.option("--ray", "use_ray", is_flag=True,
+                  help="Deploy on Ray Serve: an ingress + engine replicas (pip install 'sdc[ray]').")
+    @click.option("--replicas", type=_INT, default=1, show_default=True,
+                  help="--ray: engine replicas (each its own Engine and --vram-budget).")
+    @click.option("--autoscale", default=None, metavar="MIN:MAX",
+                  help="--ray: autoscale the engine replicas between MIN and MAX.")
+    @click.option("--ray-address", default=None, help="--ray: join this cluster [default: start "
+                  "a local one bound to 127.0.0.1].")
+    @click.option("--target-ongoing", type=_FLOAT, default=1.0, show_default=True,
+                  help="--autoscale: requests per replica to aim at.")
+    @click.option("--upscale-delay", type=_FLOAT, default=30.0, show_default=True,
+                  help="--autoscale: seconds of demand before adding a replica.")
+    @click.option("--downscale-delay", type=_FLOAT, default=600.0, show_default=True,
+                  help="--autoscale: seconds idle before removing one.")
+    @click.option("--replica-cpus", type=_FLOAT, default=1.0, show_default=True)
+    @click.option("--replica-gpus", type=_FLOAT, default=0.0, show_default=True)
+    @click.option("--no-multiplex", is_flag=True,
+                  help="--ray: route requests to any replica, not by adapter set.")
     def serve(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget, lora_cache,
-              provider, model, max_steps, max_size, max_images, max_body) -> None:
+              provider, model, max_steps, max_size, max_images, max_body, use_ray, replicas,
+              autoscale, ray_address, target_ongoing, upscale_delay, downscale_delay,
+              replica_cpus, replica_gpus, no_multiplex) -> None:
         """Serve builds over AUTOMATIC1111's HTTP API, with a web page at /."""
         import uvicorn
 
@@ -49,7 +69,23 @@ def add_commands(cli: click.Group, number_types) -> None:
                           lora_cache, provider, model, parse_size(max_body),
                           Limits(max_steps=max_steps, max_side=max_size, max_images=max_images))
         check_config(cfg)  # unsafe or impossible settings fail before any build is read
+        if use_ray:
+            from ..errors import SdcError
+
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise SdcError("--ray needs Ray Serve: pip install 'sdc[ray]'") from None
+            from ..serve.ray_app import RayOptions, parse_autoscale, run
+
+            if replicas < 1:
+                raise SdcError(f"--replicas {replicas}: expected 1 or more")
+            run(cfg, RayOptions(replicas, parse_autoscale(autoscale) if autoscale else None,
+                                ray_address, target_ongoing, upscale_delay, downscale_delay,
+                                replica_cpus, replica_gpus, not no_multiplex),
+                log=lambda m: click.echo(m, err=True))
+            return
         app = create_app(cfg)
-        click.echo(f"sdc serve: {app.state.service.models.current.title} on http://{host}:{port}/"
+        click.echo(f"sdc serve: {app.state.backend.health()['model']} on http://{host}:{port}/"
                    + (" (basic auth)" if api_auth else ""), err=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -151,11 +151,14 @@ class Engine:
         """Re-verify any file changed since `verify()` (cheap: a stat per file otherwise)."""
         if self._verified is None:
             raise AssertionError("Engine.verify() must run before the first request")
-        changed = [rel for rel, ident in self._verified.items()
-                   if _identity(self.folder / rel) != ident]
-        if changed:
+        if self.changed_files():
             self.release()
             self.verify(hashes=True)  # raises when a changed file no longer matches
+
+    def changed_files(self) -> list[str]:
+        """Files whose size, modification time or inode moved since `verify()`."""
+        return [rel for rel, ident in (self._verified or {}).items()
+                if _identity(self.folder / rel) != ident]
 
     # --- requests -------------------------------------------------------------------------------
 

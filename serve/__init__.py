@@ -5,7 +5,9 @@ a1111.py   A1111's request fields -> GenerateOptions (supported, no-op defaults,
 models.py  the builds a server offers (sd-models) and the one Engine loaded at a time
 jobs.py    the bounded queue: one generation at a time, progress, interrupt, cancel on disconnect
 metrics.py Prometheus metrics (requests, queue depth, stage latencies, memory, adapter cache)
-app.py     the FastAPI app: routes, basic auth, body-size limit, one-line errors
+service.py the local backend: models, queue, metrics; run_request (one A1111 request)
+ray_app.py the same app on Ray Serve: ingress + engine replicas, adapters multiplexed
+app.py     the FastAPI app over a backend: routes, basic auth, body-size limit, one-line errors
 static/    the web page served at `/`
 
 Torch-free like the runtime: an edge box installs `sdc[runtime,serve]`.

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +30,9 @@ from fastapi import Request  # module level: route annotations are resolved in t
 
 from .. import __version__
 from ..errors import SdcError
-from ..runtime.engine import Cancelled
-from ..runtime.pipeline import GenerateOptions
 from . import a1111
-from .jobs import JobQueue, QueueFull
-from .metrics import Metrics
-from .models import Models
+from .jobs import QueueFull
+from .service import list_loras
 
 log = logging.getLogger("sdc.serve")
 STATIC = Path(__file__).parent / "static"
@@ -86,120 +82,9 @@ def _loopback(host: str) -> bool:
         return False
 
 
-class Service:
-    """What the routes call: the models, the queue and the metrics."""
-
-    def __init__(self, cfg: ServeConfig):
-        from ..runtime.memory import parse_size
-
-        self.cfg = cfg
-        parse_size(cfg.lora_cache)  # a bad size fails at start, not at the first LoRA
-        self.models = Models(cfg.artifacts, {"provider": cfg.provider,
-                                             "vram_budget": cfg.vram_budget,
-                                             "lora_cache": cfg.lora_cache,
-                                             "lora_dir": cfg.lora_dir}, cfg.model)
-        self.models.load()  # verified before the server answers /health
-        self.jobs = JobQueue(cfg.max_queue)
-        self.metrics = Metrics(self.jobs, self.models)
-
-    # --- generation (on the worker thread) -----------------------------------------------------
-
-    def generate(self, req: a1111.Request, job) -> dict:
-        results = []
-        with self.models.lock:
-            model = self.models.lookup(req.model) if req.model else self.models.current
-            engine = self.models.load(model)
-            seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-            for k in range(req.n_iter):
-                if job.interrupted and results:
-                    break  # A1111's interrupt also ends the remaining iterations
-
-                def progress(stage, i, n, k=k):
-                    if stage == "unet":
-                        job.steps = n * req.n_iter
-                        job.step = k * n + i
-
-                opts = GenerateOptions(
-                    prompt=req.prompt, negative=req.negative, steps=req.steps,
-                    guidance=req.guidance, seed=seed + k * req.batch, width=req.width,
-                    height=req.height, scheduler=req.scheduler, batch=req.batch,
-                    init_image=req.init_image, strength=req.strength)
-                result = engine.generate(opts, progress=progress, should_stop=job.should_stop)
-                self.metrics.observe(result)
-                results.append(result)
-        images = [a1111.encode_png(img) for r in results for img in r.images] \
-            if req.send_images else []
-        info = a1111.info(req, results, model.a1111(), f"sdc {__version__}")
-        return {"images": images, "parameters": req.raw, "info": json.dumps(info)}
-
-    def set_options(self, body: dict, job=None) -> None:
-        with self.models.lock:
-            for key, value in body.items():
-                if key == "sd_model_checkpoint":
-                    if not isinstance(value, str):
-                        raise SdcError("sd_model_checkpoint: expected a model title")
-                    self.models.select(value)
-                elif key in a1111.OVERRIDES_NO_OP:
-                    if value not in a1111.OVERRIDES_NO_OP[key]:
-                        raise a1111.refuse(key, value, "a setting that changes the image")
-                elif key not in OPTION_NO_OPS:
-                    raise a1111.refuse(key, value, "a setting sdc serve does not have")
-
-    # --- reads ---------------------------------------------------------------------------------
-
-    def options(self) -> dict:
-        m = self.models.current
-        return {"sd_model_checkpoint": m.title, "sd_checkpoint_hash": m.sha256,
-                "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "samples_format": "png",
-                "eta_noise_seed_delta": 0}
-
-    def loras(self) -> list[dict]:
-        from ..fusion.lora import triggers
-        from ..fusion.safetensors_file import read_safetensors
-        from ..runtime.prompt_loras import lora_index
-
-        if self.cfg.lora_dir is None:
-            return []
-        root = Path(self.cfg.lora_dir).resolve()
-        out = []
-        for name, path in sorted(lora_index(root).items()):
-            if path is None:
-                continue  # ambiguous name: not offered
-            entry = {"name": name, "alias": name,
-                     "path": path.resolve().relative_to(root).as_posix()}
-            try:
-                meta = dict(read_safetensors(path, f"LoRA {name}", allow_empty=True).metadata)
-                entry["metadata"] = meta
-                entry["triggers"] = triggers(meta, f"LoRA {name}")
-            except SdcError as e:  # listed with the reason: the page can show it
-                entry["metadata"], entry["triggers"], entry["error"] = {}, [], str(e)
-            out.append(entry)
-        return out
-
-    def progress(self) -> dict:
-        job = self.jobs.current
-        if job is None:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": {
-                "skipped": False, "interrupted": False, "stopping_generation": False,
-                "job": "", "job_count": self.jobs.depth, "job_timestamp": "0", "job_no": 0,
-                "sampling_step": 0, "sampling_steps": 0}, "current_image": None,
-                "textinfo": None, "current_task": None}
-        elapsed = time.time() - (job.started or time.time())
-        frac = job.fraction
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        return {"progress": round(frac, 4), "eta_relative": round(eta, 2), "state": {
-            "skipped": False, "interrupted": job.interrupted, "stopping_generation": False,
-            "job": job.id, "job_count": self.jobs.depth,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-            "job_no": 0, "sampling_step": job.step, "sampling_steps": job.steps},
-            "current_image": None, "textinfo": f"{job.kind}: step {job.step} of {job.steps}",
-            "current_task": job.id}
-
-
-OPTION_NO_OPS = {"samples_format", "sd_checkpoint_hash"}  # accepted, change nothing
-
-
-def create_app(cfg: ServeConfig, service: Service | None = None):
+def create_app(cfg: ServeConfig, backend=None):
+    """The app over `backend`: a local Service (one Engine, one queue) by default, or Ray Serve
+    replicas (serve/ray_app.py). Both answer the same routes the same way."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -207,10 +92,13 @@ def create_app(cfg: ServeConfig, service: Service | None = None):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     check_config(cfg)
-    service = service or Service(cfg)
+    if backend is None:
+        from .service import Service
+
+        backend = Service(cfg)
     app = FastAPI(title="sdc serve", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.service = service
+    app.state.backend = backend
 
     def error(status: int, kind: str, detail: str, headers=None) -> JSONResponse:
         return JSONResponse({"error": kind, "detail": " ".join(str(detail).split())[:2000]},
@@ -243,7 +131,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None):
     app.add_middleware(_BodyLimit, limit=cfg.max_body)
     if cfg.api_auth:
         app.add_middleware(_BasicAuth, credentials=cfg.api_auth, open_paths={"/health"})
-    app.add_middleware(_Counted, counter=service.metrics.requests, app_routes=app.routes)
+    app.add_middleware(_Counted, counter=backend.requests_counter, app_routes=app.routes)
 
     async def body_of(request: Request):
         raw = await request.body()
@@ -252,56 +140,33 @@ def create_app(cfg: ServeConfig, service: Service | None = None):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SdcError(f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
 
-    async def run_job(request: Request, kind: str, fn):
-        job = service.jobs.submit(kind, fn)
-        fut = asyncio.wrap_future(job.future)
-        while True:
-            done, _ = await asyncio.wait({fut}, timeout=0.2)
-            if done:
-                break
-            if await request.is_disconnected():
-                job.cancelled = True  # the worker stops it at its next step
-                try:
-                    await fut
-                except (Cancelled, asyncio.CancelledError, Exception):  # noqa: BLE001
-                    pass
-                return Response(status_code=499)
-        try:
-            return fut.result()
-        except asyncio.CancelledError:
-            return Response(status_code=499)
-
-    async def generation(request: Request, kind: str):
-        req = a1111.parse(await body_of(request), kind, cfg.limits)
-        return await run_job(request, kind, lambda job: service.generate(req, job))
-
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
-        return await generation(request, "txt2img")
+        return await backend.generate(request, "txt2img", await body_of(request))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Request):
-        return await generation(request, "img2img")
+        return await backend.generate(request, "img2img", await body_of(request))
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
-        return [m.a1111() for m in service.models.available.values()]
+        return backend.sd_models()
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints():
-        service.models.refresh()
+        backend.refresh_models()
         return None
 
     @app.get("/sdapi/v1/options")
     async def get_options():
-        return service.options()
+        return backend.options()
 
     @app.post("/sdapi/v1/options")
     async def post_options(request: Request):
         body = await body_of(request)
         if not isinstance(body, dict):
             raise SdcError("expected a JSON object of options")
-        return await run_job(request, "options", lambda job: service.set_options(body, job))
+        return await backend.set_options(request, body)
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():
@@ -317,7 +182,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None):
 
     @app.get("/sdapi/v1/loras")
     async def loras():
-        return await asyncio.to_thread(service.loras)
+        return await asyncio.to_thread(list_loras, cfg.lora_dir)
 
     @app.post("/sdapi/v1/refresh-loras")
     async def refresh_loras():
@@ -329,21 +194,20 @@ def create_app(cfg: ServeConfig, service: Service | None = None):
 
     @app.get("/sdapi/v1/progress")
     async def progress():
-        return service.progress()
+        return backend.progress()
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt():
-        service.jobs.interrupt()
+        await backend.interrupt()
         return {}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.models.current.title,
-                "queue_depth": service.jobs.depth, "version": __version__}
+        return {"status": "ok", **backend.health(), "version": __version__}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(service.metrics.render(),
+        return Response(await backend.metrics_text(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
