@@ -45,6 +45,7 @@ class RayOptions:
     target_ongoing: float = 1.0  # requests per replica the autoscaler aims at
     upscale_delay: float = 30.0  # seconds of demand before a replica is added
     downscale_delay: float = 600.0  # seconds idle before one is removed
+    look_back: float = 30.0  # seconds of load the autoscaler averages over
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     multiplex: bool = True  # route by adapter set (off: any replica; for comparison)
@@ -137,7 +138,8 @@ def engine_deployment(cfg, ropts: RayOptions):
         options["autoscaling_config"] = {
             "min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
             "target_ongoing_requests": ropts.target_ongoing,
-            "upscale_delay_s": ropts.upscale_delay, "downscale_delay_s": ropts.downscale_delay}
+            "upscale_delay_s": ropts.upscale_delay, "downscale_delay_s": ropts.downscale_delay,
+            "look_back_period_s": ropts.look_back}
     else:
         options["num_replicas"] = ropts.replicas
     return serve.deployment(**options)(EngineReplica)

@@ -1,0 +1,207 @@
+"""`sdc serve --ray`: the same app on Ray Serve (a local cluster bound to 127.0.0.1, started and
+stopped by the test). The single-replica smoke test runs in the default suite; the scale-out
+proofs (multiplexing hit rates, a replica killed under load, autoscaling 1 -> 2 -> 1) are marked
+`ray` and run by `make test-ray` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import run_sdc
+from lora_files import make_peft_lora
+from serve_server import free_port
+
+SIZE = {"width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_folder, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray-loras")
+    src = tmp_path_factory.mktemp("ray-lora-src")
+    for i, name in enumerate(("a", "b", "c", "d")):
+        path = make_peft_lora(tiny_folder, src / name, seed=60 + i, scale=1.0)
+        path.rename(d / f"{name}.safetensors")
+    return d
+
+
+@contextlib.contextmanager
+def ray_serve(cpus: int = 4):
+    """A local Ray cluster and Serve's HTTP proxy, both on 127.0.0.1; always shut down."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="error", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(build, lora_dir, **ray_options):
+    from ray import serve
+
+    from sdc.serve.app import ServeConfig
+    from sdc.serve.ray_app import RayOptions, application
+
+    cache = ray_options.pop("lora_cache", "2GiB")
+    cfg = ServeConfig(build, lora_dir, max_queue=ray_options.pop("max_queue", 8), lora_cache=cache)
+    serve.run(application(cfg, RayOptions(**ray_options)), name="sdc", route_prefix="/")
+
+
+def body(prompt: str, seed: int, steps: int = 4) -> dict:
+    return {"prompt": prompt, "seed": seed, "steps": steps, "sampler_name": "Euler a", **SIZE}
+
+
+def image(reply: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB"))
+
+
+def twins(tmp_path, build, lora_dir, prompt: str, seed: int, n: int) -> list[np.ndarray]:
+    """`sdc run` for seeds seed..seed+n-1 (one process; image i reproduces alone)."""
+    out = tmp_path / f"twin-{abs(hash(prompt))}.png"
+    run_sdc("run", prompt, "-a", build, "--lora-dir", lora_dir, "--seed", seed, "--batch", n,
+            "--steps", 4, "--scheduler", "euler-a", "--width", 64, "--height", 64, "--out", out,
+            "--quiet")
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(n)]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def post_until_answered(url: str, payload: dict, tries: int = 300) -> dict:
+    """A client that retries 503s (queue full, or a replica lost mid-request) and dropped
+    connections, bounded in tries."""
+    for _ in range(tries):
+        try:
+            r = requests.post(url + "/sdapi/v1/txt2img", json=payload, timeout=120)
+        except requests.ConnectionError:
+            time.sleep(0.2)
+            continue
+        if r.status_code == 503:
+            time.sleep(min(float(r.headers.get("Retry-After", 1)), 1.0))
+            continue
+        assert r.status_code == 200, r.text
+        return r.json()
+    raise AssertionError(f"not answered after {tries} tries: {payload}")
+
+
+def test_ray_single_replica_smoke(build_fp32, lora_dir, tmp_path):
+    """One engine replica behind the ingress: the image is `sdc run`'s, the adapter set is a miss
+    then a hit on that replica, and a bad request is the ingress' one-line 422."""
+    want = twins(tmp_path, build_fp32, lora_dir, "a seal <lora:a:0.8>", 7, 1)[0]
+    with ray_serve() as url:
+        deploy(build_fp32, lora_dir, replicas=1)
+        first = post_until_answered(url, body("a seal <lora:a:0.8>", 7))
+        again = post_until_answered(url, body("a seal <lora:a:0.8>", 7))
+        np.testing.assert_array_equal(image(first), want)
+        assert first["images"] == again["images"]
+        s1, s2 = (json.loads(r["info"])["sdc"] for r in (first, again))
+        assert (s1["adapter_cache"], s2["adapter_cache"]) == ("miss", "hit")
+        assert s1["replica"] == s2["replica"]
+        bad = requests.post(url + "/sdapi/v1/txt2img", json={**body("x", 1), "enable_hr": True})
+        assert bad.status_code == 422 and "hires fix" in bad.json()["detail"]
+        assert requests.get(url + "/health").json()["ray"] is True
+        assert len(requests.get(url + "/sdapi/v1/sd-models").json()) == 1
+
+
+def _load(url, work, clients=8):
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(lambda w: (w, post_until_answered(url, body(*w))), work))
+
+
+def _set_nbytes(build, lora_dir) -> int:
+    from sdc.fusion.fuse import LoraSpec
+    from sdc.runtime.engine import Engine
+
+    return Engine(build).adapter_set([LoraSpec(lora_dir / "a.safetensors", 0.8)],
+                                     lambda m: None).nbytes
+
+
+@pytest.mark.ray
+def test_ray_multiplexing_fault_and_hit_rates(build_fp32, lora_dir, tmp_path):
+    """2 replicas, 40 requests over 4 adapters from 8 concurrent clients, each replica's cache
+    holding 2 adapter sets: routed by adapter set, most requests find theirs cached; routed
+    anywhere, far fewer. A replica is killed mid-load: every request is answered once, each image
+    equal to its `sdc run` twin."""
+    from ray.util.state import list_actors
+
+    prompts = [f"a seal <lora:{n}:0.8>" for n in "abcd"]
+    work = [(p, 200 + i) for i in range(10) for p in prompts]
+    want = {}
+    for p in prompts:
+        want.update({(p, 200 + i): img for i, img in
+                     enumerate(twins(tmp_path, build_fp32, lora_dir, p, 200, 10))})
+    cache = str(int(_set_nbytes(build_fp32, lora_dir) * 2.5))
+    rates = {}
+    for multiplex in (True, False):
+        with ray_serve() as url:
+            deploy(build_fp32, lora_dir, replicas=2, multiplex=multiplex, lora_cache=cache,
+                   adapters_per_replica=2)
+            killed = {}
+            if multiplex:  # the fault run: kill one engine replica's process mid-load
+                def kill_one():
+                    time.sleep(3)
+                    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                              if "engine" in a.class_name]
+                    killed["pid"] = actors[0].pid
+                    os.kill(actors[0].pid, signal.SIGKILL)
+
+                threading.Thread(target=kill_one, daemon=True).start()
+            answers = _load(url, work)
+        keys = [w for w, _ in answers]
+        assert sorted(keys) == sorted(work)  # every request answered exactly once
+        for w, reply in answers:
+            assert json.loads(reply["info"])["all_seeds"] == [w[1]]
+            np.testing.assert_array_equal(image(reply), want[w], err_msg=str(w))
+        results = [json.loads(r["info"])["sdc"]["adapter_cache"] for _, r in answers]
+        rates[multiplex] = results.count("hit") / len(results)
+        if multiplex:
+            assert killed.get("pid")
+    print(f"adapter-cache hit rate: multiplexed {rates[True]:.2f}, any replica {rates[False]:.2f}")
+    assert rates[True] >= rates[False] + 0.2, rates
+
+
+@pytest.mark.ray
+def test_ray_autoscaling_up_and_down(build_fp32, lora_dir):
+    from ray import serve
+
+    def running() -> int:
+        dep = serve.status().applications["sdc"].deployments["engine"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    with ray_serve() as url:
+        deploy(build_fp32, lora_dir, autoscale=(1, 2), target_ongoing=1, upscale_delay=1,
+               downscale_delay=5, look_back=2, health_period=2)
+        assert running() == 1
+        done = []
+        # 200 steps a request (~1 s each on 2 cores): demand the autoscaler can see
+        work = [("a seal", 300 + i, 200) for i in range(24)]
+        burst = threading.Thread(target=lambda: done.extend(_load(url, work, clients=6)),
+                                 daemon=True)
+        burst.start()
+        seen, deadline = 1, time.monotonic() + 120
+        while time.monotonic() < deadline and seen < 2:
+            seen = max(seen, running())
+            time.sleep(0.5)
+        burst.join(timeout=300)
+        assert seen == 2 and len(done) == 24
+        deadline = time.monotonic() + 120
+        while running() > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running() == 1
