@@ -17,7 +17,7 @@ RT_VENV := .venv-runtime
 # find-links there already); elsewhere, PyTorch's CPU index.
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: venv venv-runtime runtime-check demo test test-browser browser-deps test-latest lock bench tiny-model clean interop interop-lock
+.PHONY: venv venv-runtime runtime-check demo test test-browser test-ray browser-deps test-latest lock bench tiny-model clean interop interop-lock
 
 # The lock installs everything (torch first in its own call, so nothing can pull another torch),
 # then sdc itself without dependencies; `pip check` proves the set is consistent.
@@ -102,6 +102,11 @@ browser-deps:
 test-browser: venv browser-deps
 	$(PY) -m pytest -q -m browser
 
+# Ray Serve scale-out proofs (tests marked `ray`: 2 replicas, a killed replica, autoscaling),
+# a local Ray cluster on 127.0.0.1 started and stopped by the tests; ~3 min on 2 cores.
+test-ray: venv
+	$(PY) -m pytest -q -m ray
+
 # Full-size SD1.5 architecture (random weights): build and run time, peak RSS, sizes, against
 # a bare torch export and diffusers' pipeline. Not a test; ~30 min on 2 cores, ~25 GB in BENCH_DIR.
 BENCH_DIR ?= /tmp/sdc-bench
@@ -112,6 +117,10 @@ bench: venv
 	$(PY) bench/lora_fullsize.py --work $(BENCH_DIR)
 	$(PY) bench/train_fullsize.py --work $(BENCH_DIR)
 	$(PY) bench/quant_fullsize.py --work $(BENCH_DIR)
+	$(PY) bench/serve_fullsize.py --build $(BENCH_DIR)/sd15-fp32 --work $(BENCH_DIR) --make-loras \
+	    --steps 10 --requests 2 --lora-steps 2
+	$(SDC) build --precision fp32
+	$(PY) bench/ray_throughput.py --build artifacts/sdc-tiny-fp32
 
 # Retrain the built-in sdc-tiny from scratch (~40 min on 2 CPU cores) and evaluate it through the
 # ONNX path; writes export/data/sdc-tiny with its model card.

@@ -36,6 +36,9 @@ def add_commands(cli: click.Group, number_types) -> None:
                   help="batch_size x n_iter per request.")
     @click.option("--max-body", default="32MiB", show_default=True, metavar="SIZE",
                   help="Largest request body (init images travel in it).")
+    @click.option("--threads", type=_INT, default=None,
+                  help="onnxruntime threads per session [default: all cores; --ray: "
+                       "--replica-cpus].")
     @click.option("--ray", "use_ray", is_flag=True,
                   help="Deploy on Ray Serve: an ingress + engine replicas (pip install 'sdc[ray]').")
     @click.option("--replicas", type=_INT, default=1, show_default=True,
@@ -55,7 +58,8 @@ def add_commands(cli: click.Group, number_types) -> None:
     @click.option("--no-multiplex", is_flag=True,
                   help="--ray: route requests to any replica, not by adapter set.")
     def serve(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget, lora_cache,
-              provider, model, max_steps, max_size, max_images, max_body, use_ray, replicas,
+              provider, model, max_steps, max_size, max_images, max_body, threads, use_ray,
+              replicas,
               autoscale, ray_address, target_ongoing, upscale_delay, downscale_delay,
               replica_cpus, replica_gpus, no_multiplex) -> None:
         """Serve builds over AUTOMATIC1111's HTTP API, with a web page at /."""
@@ -67,7 +71,8 @@ def add_commands(cli: click.Group, number_types) -> None:
 
         cfg = ServeConfig(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget,
                           lora_cache, provider, model, parse_size(max_body),
-                          Limits(max_steps=max_steps, max_side=max_size, max_images=max_images))
+                          Limits(max_steps=max_steps, max_side=max_size, max_images=max_images),
+                          threads)
         check_config(cfg)  # unsafe or impossible settings fail before any build is read
         if use_ray:
             from ..errors import SdcError

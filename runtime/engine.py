@@ -108,7 +108,8 @@ class EngineStats:
 class Engine:
     def __init__(self, artifacts: Path | str | None = None, *, provider: str = "auto",
                  keep_sessions: bool = False, vram_budget: int | str | None = None,
-                 lora_cache: int | str = DEFAULT_LORA_CACHE, lora_dir: Path | str | None = None):
+                 lora_cache: int | str = DEFAULT_LORA_CACHE, lora_dir: Path | str | None = None,
+                 threads: int | None = None):
         from .memory import parse_size
         from .sessions import PROVIDERS
 
@@ -122,6 +123,7 @@ class Engine:
         limit = parse_size(lora_cache) if isinstance(lora_cache, str) else int(lora_cache)
         self.adapters = AdapterCache(limit)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self.threads = threads  # onnxruntime intra-op threads per session; None: its default
         self.stats = EngineStats()
         self._sessions: dict[tuple, tuple] = {}  # (stage, onnx file) -> (variant, StageSession)
         self._bound: dict[str, tuple] = {}  # stage -> (adapter key, {slot: OrtValue})
@@ -304,7 +306,7 @@ class Engine:
         budget = run.job.plan.budget if run.job.plan is not None else None
         session = open_session(self.folder, stage, graph, self.provider, onnx_file=onnx_file,
                                arena=arena, initializers=swaps, prepack=prepack,
-                               cuda_mem_limit=budget)
+                               cuda_mem_limit=budget, threads=self.threads)
         self.stats.sessions_created += 1
         run.warnings += [w for w in session.warnings if w not in run.warnings]
         if run.keep:
@@ -453,7 +455,8 @@ class Engine:
             fused = {**run.adapters.slots.get("unet", {}), **run.adapters.swaps.get("unet", {})} \
                 if run.adapters else None
             unet = ChunkedUNet(self.folder, graph, self.provider, plan.resident,
-                               initializers=fused or None, cuda_mem_limit=plan.budget)
+                               initializers=fused or None, cuda_mem_limit=plan.budget,
+                               threads=self.threads)
             self.stats.sessions_created += len(plan.resident) or 1
             run.log(f"[unet] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} resident")
             run.warnings += unet.warnings

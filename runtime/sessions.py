@@ -80,7 +80,8 @@ class StageSession:
 def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
                  onnx_file: str | None = None, arena: bool = True,
                  initializers: dict[str, np.ndarray] | None = None,
-                 prepack: bool = True, cuda_mem_limit: int | None = None) -> StageSession:
+                 prepack: bool = True, cuda_mem_limit: int | None = None,
+                 threads: int | None = None) -> StageSession:
     """`onnx_file` (relative to the build) defaults to the graph's own; `arena=False` turns ORT's
     CPU arena off, for graphs run many times at varying shapes next to other live sessions (the
     VAE decoder's segments: 26 arenas each holding its own peak summed to 7.8 GiB for one 512 px
@@ -109,6 +110,8 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
     # the second step on, and slower steps. Off: 6.6 GiB steady (measured, 2 cores, fp32, 512²).
     opts.enable_mem_pattern = False
     opts.enable_cpu_mem_arena = arena
+    if threads:  # a process sharing the machine (a Ray replica with 1 CPU): no oversubscription
+        opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     keep = []

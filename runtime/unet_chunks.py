@@ -41,11 +41,13 @@ class ChunkedUNet:
     stage = "unet"
 
     def __init__(self, folder: Path, graph: dict, provider: str, resident: tuple[int, ...] = (),
-                 initializers: dict | None = None, cuda_mem_limit: int | None = None):
+                 initializers: dict | None = None, cuda_mem_limit: int | None = None,
+                 threads: int | None = None):
         self.folder, self.graph, self.provider_choice = folder, graph, provider
         self.parts = graph["chunks"]["parts"]
         self.initializers = initializers or {}
         self.cuda_mem_limit = cuda_mem_limit
+        self.threads = threads
         self.sessions: dict[int, StageSession] = {k: self._open(k) for k in resident}
         # the provider is what a created session reports: with nothing resident, chunk 1 is
         # created now and used (then released) by the first pass rather than created twice
@@ -61,7 +63,8 @@ class ChunkedUNet:
             mine = {n: a for n, a in self.initializers.items() if n in names} or None
         return open_session(self.folder, "unet", self.graph, self.provider_choice,
                             onnx_file=f"unet/{part['file']}", initializers=mine,
-                            prepack=False, cuda_mem_limit=self.cuda_mem_limit)
+                            prepack=False, cuda_mem_limit=self.cuda_mem_limit,
+                            threads=self.threads)
 
     def _run_part(self, part: dict, feeds: dict) -> list:
         k = self.parts.index(part)

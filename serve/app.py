@@ -53,6 +53,7 @@ class ServeConfig:
     model: str | None = None  # the model loaded first (name or title); None: the first
     max_body: int = MAX_BODY
     limits: a1111.Limits = field(default_factory=a1111.Limits)
+    threads: int | None = None  # onnxruntime threads per session (None: all cores)
 
 
 def check_config(cfg: ServeConfig) -> None:
@@ -66,6 +67,8 @@ def check_config(cfg: ServeConfig) -> None:
                        "USER:PASSWORD (anyone who can reach the port could use it otherwise)")
     if not 0 <= cfg.port <= 65535:
         raise SdcError(f"--port {cfg.port}: expected 0..65535")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise SdcError(f"--threads {cfg.threads}: expected 1 or more")
     if cfg.max_queue < 0:
         raise SdcError(f"--max-queue {cfg.max_queue}: expected 0 or more")
     if cfg.lora_dir is not None and not Path(cfg.lora_dir).is_dir():

@@ -277,7 +277,9 @@ def application(cfg, ropts: RayOptions):
     from .app import check_config
 
     check_config(cfg)
-    replica_cfg = replace(cfg, host="127.0.0.1")  # replicas serve no HTTP themselves
+    # replicas serve no HTTP themselves; each runs onnxruntime on the CPUs Ray gives it
+    threads = cfg.threads or (max(1, int(ropts.replica_cpus)) if ropts.replica_cpus >= 1 else None)
+    replica_cfg = replace(cfg, host="127.0.0.1", threads=threads)
     engines = engine_deployment(replica_cfg, ropts).bind(replica_cfg)
     return ingress_deployment(cfg, ropts).bind(engines, cfg, ropts)
 

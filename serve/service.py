@@ -35,7 +35,8 @@ class Service:
         self.models = Models(cfg.artifacts, {"provider": cfg.provider,
                                              "vram_budget": cfg.vram_budget,
                                              "lora_cache": cfg.lora_cache,
-                                             "lora_dir": cfg.lora_dir}, cfg.model)
+                                             "lora_dir": cfg.lora_dir,
+                                             "threads": cfg.threads}, cfg.model)
         self.models.load()  # verified (every sha256) before the server answers /health
         self.jobs = JobQueue(cfg.max_queue)
         self.metrics = Metrics(self.jobs, self.models)
