@@ -160,6 +160,8 @@ _INT, _FLOAT = _Number(int), _Number(float)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
               help="A .png file, or a folder for <seed>.png files.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 of the artifacts (sizes still checked).")
+@click.option("--threads", type=_INT, default=None,
+              help="onnxruntime threads per session [default: every core].")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="Folder where <lora:NAME:WEIGHT> tags in the prompt are looked up.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
@@ -176,8 +178,8 @@ _INT, _FLOAT = _Number(int), _Number(float)
               help="Run the CFG halves as separate UNet passes [default: the planner decides].")
 @click.pass_obj
 def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
-        provider, latents, init_image, strength, vae_tile, out, no_verify, lora_dir, loras, quiet,
-        vram_budget, plan_only, cfg_split) -> None:
+        provider, latents, init_image, strength, vae_tile, out, no_verify, threads, lora_dir, loras,
+        quiet, vram_budget, plan_only, cfg_split) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
     from ..runtime.memory import fmt_bytes
     from ..runtime.outputs import SaveInterrupted, check_out, output_paths, save_images
@@ -188,7 +190,7 @@ def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, 
                            scheduler=scheduler, batch=batch, provider=provider, latents=latents,
                            init_image=init_image, strength=strength, verify=not no_verify,
                            vae_tile=vae_tile, loras=loras, lora_dir=lora_dir,
-                           vram_budget=vram_budget, cfg_split=cfg_split)
+                           vram_budget=vram_budget, cfg_split=cfg_split, threads=threads)
     if plan_only:
         plan, _, _ = plan_run(opts)
         if plan is None:

@@ -85,9 +85,12 @@ def add_commands(cli: click.Group, number_types) -> None:
 
             if replicas < 1:
                 raise SdcError(f"--replicas {replicas}: expected 1 or more")
-            run(cfg, RayOptions(replicas, parse_autoscale(autoscale) if autoscale else None,
-                                ray_address, target_ongoing, upscale_delay, downscale_delay,
-                                replica_cpus, replica_gpus, not no_multiplex),
+            run(cfg, RayOptions(replicas=replicas,
+                                autoscale=parse_autoscale(autoscale) if autoscale else None,
+                                address=ray_address, target_ongoing=target_ongoing,
+                                upscale_delay=upscale_delay, downscale_delay=downscale_delay,
+                                replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+                                multiplex=not no_multiplex),
                 log=lambda m: click.echo(m, err=True))
             return
         app = create_app(cfg)

@@ -115,6 +115,9 @@ class Engine:
 
         if provider not in PROVIDERS:
             raise SdcError(f"--provider {provider}: expected one of {', '.join(PROVIDERS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= 1024):
+            raise SdcError(f"--threads {threads}: expected an integer from 1 to 1024")
         self.folder = resolve_artifacts(artifacts)
         self.manifest = load_manifest(self.folder)
         self.provider = provider
@@ -176,6 +179,10 @@ class Engine:
         width, height, sched_name = _validate(opts, self.manifest)
         text, tags = split_prompt(opts.prompt)
         specs = parse_specs(opts.loras) + resolve_tags(tags, self.lora_dir)
+        if specs:
+            from ..fusion.artifact import check_float
+
+            check_float(self.manifest, self.folder)  # a quantized build takes no adapters
         model = self.manifest["model"]
         init = img = None
         if opts.init_image is not None:  # the header gives the size; pixels after the plan

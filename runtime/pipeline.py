@@ -69,6 +69,10 @@ class GenerateOptions:
     loras: tuple = ()
     # where `<lora:NAME:WEIGHT>` tags in the prompt are looked up (runtime/prompt_loras.py)
     lora_dir: Path | None = None
+    # onnxruntime intra-op threads per session; None: onnxruntime's default (every core). Pixels
+    # can differ by one level between thread counts (reductions split differently), so a run
+    # reproduces another's image bit for bit at the same count
+    threads: int | None = None
 
 
 @dataclass
@@ -346,7 +350,8 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     file is hashed, then each stage's session is created, used and released in turn."""
     from .engine import Engine
 
-    engine = Engine(opts.artifacts, provider=opts.provider, lora_dir=opts.lora_dir)
+    engine = Engine(opts.artifacts, provider=opts.provider, lora_dir=opts.lora_dir,
+                    threads=opts.threads)
     try:
         job = engine.prepare(opts)
         engine.verify(hashes=opts.verify)

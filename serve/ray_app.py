@@ -132,7 +132,10 @@ def engine_deployment(cfg, ropts: RayOptions):
     options = dict(name="engine", max_ongoing_requests=cfg.max_queue + 1,
                    ray_actor_options={"num_cpus": ropts.replica_cpus,
                                       "num_gpus": ropts.replica_gpus},
-                   health_check_period_s=ropts.health_period, health_check_timeout_s=30)
+                   health_check_period_s=ropts.health_period, health_check_timeout_s=30,
+                   # a replica whose build fails verification fails the same way every time:
+                   # a few tries, then the deployment is reported failed (Ray's default is 20)
+                   max_constructor_retry_count=3)
     if ropts.autoscale:
         lo, hi = ropts.autoscale
         options["autoscaling_config"] = {
@@ -332,14 +335,16 @@ def run(cfg, ropts: RayOptions, log=print) -> None:
         ray.init(address=ropts.address, logging_level="warning")
     else:  # a local cluster on this machine, bound to loopback
         ray.init(include_dashboard=False, logging_level="warning", _node_ip_address="127.0.0.1")
+    # after ray.init, which installs its own fatal-signal handlers (SIGTERM would abort): from
+    # here a signal, even during deployment, shuts Serve and the cluster down in order
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(application(cfg, ropts), name="sdc", route_prefix="/", blocking=False)
         log(f"sdc serve --ray: http://{cfg.host}:{cfg.port}/ ({ropts.autoscale or ropts.replicas} "
             "engine replica(s))")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
         serve.shutdown()

@@ -26,7 +26,8 @@ from lora_files import make_peft_lora
 from serve_server import free_port
 
 SIZE = {"width": 64, "height": 64}
-STEPS = 24  # ~0.3 s a request here: 40 of them last long enough to kill a replica among them
+STEPS = 24  # ~0.15 s a request here: the load lasts long enough to kill a replica within it
+PER_ADAPTER = 20  # requests per adapter: the first misses are a small part of the hit rate
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +77,13 @@ def image(reply: dict) -> np.ndarray:
 
 
 def twins(tmp_path, build, lora_dir, prompt: str, seed: int, n: int) -> list[np.ndarray]:
-    """`sdc run` for seeds seed..seed+n-1 (one process; image i reproduces alone)."""
+    """`sdc run` for seeds seed..seed+n-1 (one process; image i reproduces alone), with one
+    onnxruntime thread as each 1-CPU replica runs (another thread count can move a pixel by one
+    level)."""
     out = tmp_path / f"twin-{abs(hash(prompt))}.png"
     run_sdc("run", prompt, "-a", build, "--lora-dir", lora_dir, "--seed", seed, "--batch", n,
             "--steps", STEPS, "--scheduler", "euler-a", "--width", 64, "--height", 64, "--out", out,
-            "--quiet")
+            "--threads", 1, "--quiet")
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(n)]
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
@@ -136,18 +139,21 @@ def _set_nbytes(build, lora_dir) -> int:
 
 @pytest.mark.ray
 def test_ray_multiplexing_fault_and_hit_rates(build_fp32, lora_dir, tmp_path):
-    """2 replicas, 40 requests over 4 adapters from 8 concurrent clients, each replica's cache
+    """2 replicas, 80 requests over 4 adapters from 8 concurrent clients, each replica's cache
     holding 2 adapter sets: routed by adapter set, most requests find theirs cached; routed
     anywhere, far fewer. A replica is killed mid-load: every request is answered once, each image
     equal to its `sdc run` twin."""
     from ray import serve
 
+    import random
+
     prompts = [f"a seal <lora:{n}:0.8>" for n in "abcd"]
-    work = [(p, 200 + i) for i in range(10) for p in prompts]
+    work = [(p, 200 + i) for i in range(PER_ADAPTER) for p in prompts]
+    random.Random(0).shuffle(work)  # adapters in no particular order, as clients send them
     want = {}
     for p in prompts:
         want.update({(p, 200 + i): img for i, img in
-                     enumerate(twins(tmp_path, build_fp32, lora_dir, p, 200, 10))})
+                     enumerate(twins(tmp_path, build_fp32, lora_dir, p, 200, PER_ADAPTER))})
     cache = str(int(_set_nbytes(build_fp32, lora_dir) * 2.5))
     rates = {}
     for name, multiplex, fault in (("multiplexed", True, False), ("any replica", False, False),
@@ -211,3 +217,69 @@ def test_ray_autoscaling_up_and_down(build_fp32, lora_dir):
         while running() > 1 and time.monotonic() < deadline:
             time.sleep(1)
         assert running() == 1
+
+
+def test_ray_app_builder_arguments(build_fp32):
+    """`serve run sdc.serve.ray_app:app_builder ...`: arguments checked by name before any
+    cluster is involved."""
+    from sdc.errors import SdcError
+    from sdc.serve.ray_app import app_builder, parse_autoscale
+
+    with pytest.raises(SdcError, match="unknown argument.*replica_count"):
+        app_builder({"artifacts": str(build_fp32), "replica_count": "2"})
+    with pytest.raises(SdcError, match="artifacts=DIR is required"):
+        app_builder({"replicas": "2"})
+    assert parse_autoscale("1:4") == (1, 4)
+    for bad in ("4:1", "x", "2", "-1:2", "0:0"):
+        with pytest.raises(SdcError, match="--autoscale"):
+            parse_autoscale(bad)
+    app = app_builder({"artifacts": str(build_fp32), "autoscale": "1:3", "replica_cpus": "1"})
+    assert type(app).__name__ == "Application"
+
+
+@pytest.mark.ray
+def test_ray_replica_with_a_tampered_build_never_becomes_healthy(build_fp32, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(build_fp32, copy)
+    data = copy / "unet" / "model.onnx_data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with ray_serve():
+        with pytest.raises(RuntimeError, match="Failed to update the deployments.*engine"):
+            deploy(copy, None, replicas=1)
+        engine = serve.status().applications["sdc"].deployments["engine"]
+        assert engine.replica_states.get("RUNNING", 0) == 0
+        assert "do not match the manifest" in engine.message  # our verification, by name
+
+
+@pytest.mark.ray
+def test_sdc_serve_ray_cli(build_fp32, lora_dir, tmp_path):
+    """The CLI path: `sdc serve --ray` starts a local cluster on 127.0.0.1, serves, and shuts
+    everything down on SIGTERM."""
+    from serve_server import running_server
+
+    want = twins(tmp_path, build_fp32, lora_dir, "a seal <lora:b:0.8>", 3, 1)[0]
+    before = set(_ray_processes())  # an earlier test's cluster may still be winding down
+    with running_server(build_fp32, lora_dir, "--ray", "--replicas", "1", timeout=180) as srv:
+        reply = post_until_answered(srv.url, body("a seal <lora:b:0.8>", 3))
+        np.testing.assert_array_equal(image(reply), want)
+        assert requests.get(srv.url + "/health").json()["ray"] is True
+        srv.proc.terminate()  # SIGTERM: Serve and the local cluster shut down, then it exits
+        assert srv.proc.wait(timeout=120) == 0, srv.tail()
+    deadline = time.monotonic() + 60
+    while set(_ray_processes()) - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not set(_ray_processes()) - before  # the CLI's cluster is gone with it
+
+
+def _ray_processes() -> list[str]:
+    """pid + command of this machine's Ray head processes."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln.strip() for ln in out.splitlines() if "raylet" in ln or "gcs_server" in ln]
