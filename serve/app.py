@@ -142,6 +142,9 @@ def create_app(cfg: ServeConfig, backend=None):
             return json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SdcError(f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        except RecursionError:  # `[[[[...` nested beyond the parser's stack
+            raise SdcError("the body is JSON nested too deeply; expected an A1111 request "
+                           "object") from None
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):

@@ -235,6 +235,9 @@ def test_bad_bodies(server):
     assert r.status_code == 422 and "base64" in r.json()["detail"]
     r = _post(server, "img2img", {"prompt": "x", "init_images": [base64.b64encode(b"png?").decode()]})
     assert r.status_code == 422 and "image" in r.json()["detail"]
+    deep = requests.post(server.url + "/sdapi/v1/txt2img", data=b"[" * 200_000,
+                         headers={"content-type": "application/json"})
+    assert deep.status_code == 422 and "nested too deeply" in deep.json()["detail"]
     big = requests.post(server.url + "/sdapi/v1/txt2img", data=b"{" + b" " * (33 * 2**20) + b"}",
                         headers={"content-type": "application/json"})
     assert big.status_code == 422 and "--max-body" in big.json()["detail"]
