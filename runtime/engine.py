@@ -160,6 +160,15 @@ class Engine:
             self.release()
             self.verify(hashes=True)  # raises when a changed file no longer matches
 
+    def verified_identities(self) -> dict:
+        return dict(self._verified or {})
+
+    def adopt_verification(self, identities: dict) -> None:
+        """Take an earlier verification of this build's files (size, mtime, inode each) and
+        re-hash only what changed since (raises when a changed file no longer matches)."""
+        self._verified = dict(identities)
+        self.check_unchanged()
+
     def changed_files(self) -> list[str]:
         """Files whose size, modification time or inode moved since `verify()`."""
         return [rel for rel, ident in (self._verified or {}).items()

@@ -115,7 +115,8 @@ def _int(body: dict, key: str, lo: int, hi: int, default=None):
     v = body.get(key, default)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v != int(v):
         raise SdcError(f"{key}={v!r}: expected an integer from {lo} to {hi}")
     v = int(v)
     if not lo <= v <= hi:

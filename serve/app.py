@@ -69,8 +69,9 @@ def check_config(cfg: ServeConfig) -> None:
         raise SdcError(f"--port {cfg.port}: expected 0..65535")
     if cfg.threads is not None and cfg.threads < 1:
         raise SdcError(f"--threads {cfg.threads}: expected 1 or more")
-    if cfg.max_queue < 0:
-        raise SdcError(f"--max-queue {cfg.max_queue}: expected 0 or more")
+    if cfg.max_queue < 1:
+        raise SdcError(f"--max-queue {cfg.max_queue}: expected 1 or more (requests that may "
+                       "wait behind the running one)")
     if cfg.lora_dir is not None and not Path(cfg.lora_dir).is_dir():
         raise SdcError(f"--lora-dir {cfg.lora_dir}: not a folder; expected a folder of LoRA "
                        ".safetensors files")
@@ -142,6 +143,9 @@ def create_app(cfg: ServeConfig, backend=None):
             return json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SdcError(f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        except ValueError:  # e.g. an integer beyond Python's 4300-digit conversion limit
+            raise SdcError("the body holds a number JSON cannot be read as here (too many "
+                           "digits); expected an A1111 request object") from None
         except RecursionError:  # `[[[[...` nested beyond the parser's stack
             raise SdcError("the body is JSON nested too deeply; expected an A1111 request "
                            "object") from None

@@ -71,6 +71,9 @@ class Models:
             self.available[sorted(self.available)[0]]
         self.engine: Engine | None = None
         self.lock = threading.Lock()
+        # folder -> the file identities its last verification saw: switching back to a build
+        # costs a stat per file, not a hash of every file (a client alternating models)
+        self._verified: dict[Path, dict] = {}
 
     def refresh(self) -> None:
         """Re-scan the folder (a new build dropped in appears without a restart)."""
@@ -89,7 +92,12 @@ class Models:
         if self.engine is not None and self.engine.folder == model.folder:
             return self.engine
         engine = Engine(model.folder, keep_sessions=True, **self.engine_options)
-        engine.verify(hashes=True)  # a build that fails is refused; the old one stays loaded
+        known = self._verified.get(model.folder)
+        if known is not None:  # verified before: only files changed since are hashed again
+            engine.adopt_verification(known)
+        else:
+            engine.verify(hashes=True)  # a build that fails is refused; the old one stays loaded
+        self._verified[model.folder] = engine.verified_identities()
         if self.engine is not None:
             self.engine.close()
         self.engine = engine

@@ -44,6 +44,21 @@ class Service:
     # --- the work, on the worker thread ---------------------------------------------------------
 
     def run_request(self, req: a1111.Request, job) -> dict:
+        try:
+            return self._run_request(req, job)
+        except SdcError as e:  # the server's own folders are not the client's business
+            raise SdcError(self.redact(str(e))) from None
+
+    def redact(self, text: str) -> str:
+        """`text` with the --artifacts and --lora-dir paths replaced by their role."""
+        for folder, name in ((self.cfg.lora_dir, "<lora-dir>"), (self.cfg.artifacts, "<artifacts>")):
+            if folder is not None:
+                for form in sorted({str(Path(folder).resolve()), str(folder)}, key=len,
+                                   reverse=True):
+                    text = text.replace(form, name)
+        return text
+
+    def _run_request(self, req: a1111.Request, job) -> dict:
         results = []
         with self.models.lock:
             model = self.models.lookup(req.model) if req.model else self.models.current
@@ -72,14 +87,16 @@ class Service:
         return {"images": images, "parameters": req.raw, "info": json.dumps(info)}
 
     def apply_options(self, body: dict) -> None:
+        """All of `body` checked first, then applied: a bad key changes nothing."""
         with self.models.lock:
+            model = body.get("sd_model_checkpoint")
+            if model is not None and not isinstance(model, str):
+                raise SdcError("sd_model_checkpoint: expected a model title")
             for key, value in body.items():
-                if key == "sd_model_checkpoint":
-                    if not isinstance(value, str):
-                        raise SdcError("sd_model_checkpoint: expected a model title")
-                    self.models.select(value)
-                else:
+                if key != "sd_model_checkpoint":
                     check_option(key, value)
+            if model is not None:
+                self.models.select(model)
 
     # --- the routes' interface (serve/ray_app.py's RayBackend has the same) -------------------
 

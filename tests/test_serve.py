@@ -218,6 +218,7 @@ def test_client_disconnect_cancels_its_job(server):
     ("override_settings", {"sd_model_checkpoint": "/etc/passwd"}, "no such model"),
     ("override_settings", {"CLIP_stop_at_last_layers": 2}, "CLIP_stop_at_last_layers"),
     ("seed", "five", "seed='five'"),
+    ("seed", 10 ** 30, "seed=1000000000000000000000000000000"),
 ])
 def test_bad_requests_are_one_line_422(server, field, value, needle):
     r = _post(server, "txt2img", {"prompt": "a seal", "steps": 2, "width": 64, "height": 64,
@@ -235,6 +236,12 @@ def test_bad_bodies(server):
     assert r.status_code == 422 and "base64" in r.json()["detail"]
     r = _post(server, "img2img", {"prompt": "x", "init_images": [base64.b64encode(b"png?").decode()]})
     assert r.status_code == 422 and "image" in r.json()["detail"]
+    inf = requests.post(server.url + "/sdapi/v1/txt2img", data=b'{"prompt": "x", "steps": 1e400}',
+                        headers={"content-type": "application/json"})
+    assert inf.status_code == 422 and "steps=inf" in inf.json()["detail"]
+    long_int = requests.post(server.url + "/sdapi/v1/txt2img", data=b'{"seed": ' + b"9" * 5000 + b"}",
+                             headers={"content-type": "application/json"})
+    assert long_int.status_code == 422 and "too many digits" in long_int.json()["detail"]
     deep = requests.post(server.url + "/sdapi/v1/txt2img", data=b"[" * 200_000,
                          headers={"content-type": "application/json"})
     assert deep.status_code == 422 and "nested too deeply" in deep.json()["detail"]
