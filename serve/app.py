@@ -235,6 +235,7 @@ class _Counted:
 
     def __init__(self, app, counter, app_routes):
         self.app, self.counter, self.routes = app, counter, app_routes
+        self._known: set | None = None  # route paths, read once (routes exist by then)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -249,9 +250,11 @@ class _Counted:
         try:
             await self.app(scope, receive, sending)
         finally:
-            known = {getattr(r, "path", None) for r in self.routes}
+            if self._known is None:
+                self._known = {getattr(r, "path", None) for r in self.routes}
             path = scope.get("path", "")
-            self.counter.labels(path if path in known else "other", str(status["code"])).inc()
+            self.counter.labels(path if path in self._known else "other",
+                                str(status["code"])).inc()
 
 
 class _BodyLimit:
