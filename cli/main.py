@@ -56,9 +56,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Output directory [default: artifacts/<model>-<precision>].")
 @click.option("--force", is_flag=True, help="Rebuild even if an identical build exists.")
 @click.option("--config", "config", type=click.Path(), default=None,
-              help="Diffusers component configs for a single-file checkpoint of non-SD1.5 size.")
-@click.option("--stages", default=",".join(("text_encoder", "unet", "vae_decoder", "vae_encoder")),
-              show_default=True, help="Comma-separated graphs to build.")
+              help="Component configs for a single-file checkpoint: a shipped set (sd15, sd21, "
+                   "sd21-v for 768-v models, sdxl) or a diffusers folder; default: the family's "
+                   "standard one (sd15, sd21, sdxl).")
+@click.option("--stages", default=None,
+              help="Comma-separated graphs to build (default: every stage of the model's family; "
+                   "SD1/SD2: text_encoder,unet,vae_decoder,vae_encoder; SDXL adds text_encoder_2).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:W[:BLOCKS]]",
               help="LoRA to fuse (repeatable), e.g. seal.safetensors:0.8:down=0,mid=1,up=1,te=0.")
 @click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
@@ -103,7 +106,8 @@ def build(obj, model, precision, stage_precision, block_size, quality_target, se
                             config=config, unet_chunks=unet_chunks,
                             stage_precision=stage_precision, block_size=block_size,
                             quality_target=target, measure_all=sensitivities,
-                            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                            stages=tuple(s.strip() for s in stages.split(",") if s.strip())
+                            if stages is not None else None,
                             cancel=obj.get("cancel"), loras=specs,
                             embeddings=tuple(parse_embedding_arg(e) for e in embeddings))
         result = run_build(opts, log=log)

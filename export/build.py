@@ -1,6 +1,7 @@
 """`sdc build`: model -> per-stage ONNX graphs + manifest, gated by parity, written atomically.
 
-Flow per component (text_encoder, unet, vae -> vae_decoder + vae_encoder):
+Flow per component of the model's family (families/; SD1: text_encoder, unet, vae -> vae_decoder +
+vae_encoder; SDXL adds text_encoder_2):
   load fp32 -> torch references on the parity cases -> cast (fp16 policy) -> export -> free the
   torch module -> run the ONNX graph in ORT against the references (hard fail).
 Only one component's torch weights are alive at a time and no torch module is alive while ORT
@@ -32,15 +33,16 @@ from ..errors import SdcError
 from ..runtime import manifest as mf
 from ..runtime import store
 from .memory import process_peak_rss_bytes
-from ..runtime.specs import GRAPH_SPECS, STAGES, ModelDims
+from ..families import Family, ModelDims
 
 PRECISIONS = ("fp16", "fp32")  # what torch exports; int8/int4 are quantized from fp32 (quant/)
 # What a build writes; part of the build key so a cached build of an older layout is rebuilt.
 # 2: vae_decoder/tiled/ segments. 3: weights.data (external-data offsets for torch-free LoRA paths).
 # 4: each model folder holds its source component's config.json (what Optimum's pipeline reads) and
 # model_index.json names the build's real scheduler class. 5: adapter slots in the UNet and text
-# encoder graphs (export/adapter_slots.py), listed in graphs.<stage>.weights.slots.
-BUILD_LAYOUT = 5
+# encoder graphs (export/adapter_slots.py), listed in graphs.<stage>.weights.slots. 6: the manifest's
+# `family` block (families/): the stages' roles, the text encoders, the UNet's conditioning.
+BUILD_LAYOUT = 6
 TILED_DIR = "tiled"  # vae_decoder/tiled/: the decoder's segments for exact tiled decoding
 
 
@@ -51,7 +53,7 @@ class BuildOptions:
     out: Path | None = None  # default: artifacts/<model name>-<precision>
     force: bool = False  # rebuild even when the build key matches
     config: str | None = None  # component configs for non-standard single-file checkpoints
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] | None = None  # None: every stage of the model's family
     artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
     cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
     loras: tuple = ()  # fusion.fuse.LoraSpec: adapters fused into the weights before export
@@ -155,6 +157,7 @@ def reusable(out: Path, key: str, log: Callable[[str], None]) -> dict | None:
 
 def _build_component(source, component: str, stages: list[str], precision: str, dims: ModelDims,
                      tmp: Path, log: Callable[[str], None], fusion=None, unet_chunks: int = 0) -> dict:
+    family: Family = source.spec
     import torch
 
     from .exporter import export_graph, wrap
@@ -168,7 +171,7 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         log(f"[{component}] fused LoRA into {n} weights")
     plans = {}
     for stage in stages:
-        spec = GRAPH_SPECS[stage]
+        spec = family.spec(stage)
         feeds = parity_cases(spec, dims)
         refs = torch_references(wrap(spec, module), spec, feeds)
         graph_precision = "fp32" if precision == "fp32" or spec.fp16_policy == "fp32" else "fp16"
@@ -195,14 +198,14 @@ def _build_component(source, component: str, stages: list[str], precision: str, 
         log(f"[{stage}] exported {graph_precision} ({time.perf_counter() - t0:.1f} s)"
             + (f", {len(facts['weights']['slots'])} adapter slots" if spec.adapter_slots else ""))
         results[stage] = {"graph_precision": graph_precision, **facts}
-        if stage == "vae_decoder":
+        if spec.role == "decode":
             results[stage]["tiled"] = _export_tiled_decoder(module, spec, dims, tmp / stage, log)
-        if stage == "unet" and unet_chunks:
+        if spec.role == "denoise" and unet_chunks:
             from .unet_chunks import split_graph
 
             parts = split_graph(tmp / stage / "model.onnx", unet_chunks, tmp / stage)
             results[stage]["chunks"] = {"parts": parts}
-            log(f"[unet] cut into {len(parts)} chunks of " + ", ".join(
+            log(f"[{stage}] cut into {len(parts)} chunks of " + ", ".join(
                 f"{p['weight_bytes'] / 2**20:.0f}" for p in parts) + " MiB of weights")
     # Free the torch weights before ORT loads the graphs: the two never coexist in memory.
     del module
@@ -286,11 +289,11 @@ def _load(source, component: str, dtype: str):
                        "files, or pass --config for a non-standard single-file checkpoint") from None
 
 
-def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: dict) -> dict:
+def _graph_entry(spec, result: dict, dims: ModelDims, tmp: Path, files: dict) -> dict:
     from .exporter import OPSET, numpy_dtype
     import onnx
 
-    spec = GRAPH_SPECS[stage]
+    stage = spec.stage
     tiled_prefix = f"{stage}/{TILED_DIR}/"
     chunk_files = {f"{stage}/{p['file']}" for p in result.get("chunks", {}).get("parts", [])}
     proto = onnx.load(str(tmp / stage / "model.onnx"), load_external_data=False)
@@ -318,7 +321,7 @@ def _graph_entry(stage: str, result: dict, dims: ModelDims, tmp: Path, files: di
         "precision": precision,
         "precision_reason": reason,
         **io,
-        "latent_multiple": dims.unet_multiple if stage == "unet" else 1,
+        "latent_multiple": dims.unet_multiple if spec.role == "denoise" else 1,
         "parity": result["parity"],
         "memory": result["memory"],
         "weights": result["weights"],
@@ -342,24 +345,29 @@ def _tiled_entry(tiled: dict, prefix: str, files: dict) -> dict:
     }
 
 
-def _copy_tokenizer_and_scheduler(source, tmp: Path, embeddings: list | None = None) -> dict:
-    tok = tmp / "tokenizer"
-    tok.mkdir()
-    src = source.tokenizer_dir()
-    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "LICENSE"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, tok / name)
-    if not (tok / "tokenizer.json").is_file():
-        # Older SD folders ship only vocab.json + merges.txt; the runtime's `tokenizers` library
-        # reads tokenizer.json, which transformers' CLIP tokenizer writes from those two.
-        from transformers import CLIPTokenizer
+def _copy_tokenizers(source, tmp: Path, embeddings: list | None = None) -> None:
+    """Each text encoder's tokenizer folder, as the runtime's `tokenizers` library reads it."""
+    for encoder in source.spec.text_encoders:
+        tok = tmp / encoder.tokenizer
+        tok.mkdir()
+        src = source.tokenizer_dir(encoder.tokenizer)
+        for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "LICENSE"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tok / name)
+        if not (tok / "tokenizer.json").is_file():
+            # Older SD folders ship only vocab.json + merges.txt; the runtime's `tokenizers`
+            # library reads tokenizer.json, which transformers' CLIP tokenizer writes from those.
+            from transformers import CLIPTokenizer
 
-        CLIPTokenizer.from_pretrained(str(src)).save_pretrained(str(tok))
-    if embeddings:
-        from ..fusion.torch_apply import add_tokens
+            CLIPTokenizer.from_pretrained(str(src)).save_pretrained(str(tok))
+        if embeddings:
+            from ..fusion.torch_apply import add_tokens
 
-        add_tokens(tok, embeddings)
+            add_tokens(tok, embeddings)
+
+
+def _copy_scheduler(source, tmp: Path) -> dict:
     sched = tmp / "scheduler"
     sched.mkdir()
     config = source.scheduler_config()
@@ -368,12 +376,18 @@ def _copy_tokenizer_and_scheduler(source, tmp: Path, embeddings: list | None = N
                                                                              "epsilon")}
 
 
-def _write_model_index(tmp: Path, stages, scheduler_class: str | None) -> None:
+# Optimum's pipeline class for each family's build folder
+OPTIMUM_PIPELINES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
+                     "sdxl": "ORTStableDiffusionXLPipeline"}
+
+
+def _write_model_index(tmp: Path, family: Family, stages, scheduler_class: str | None) -> None:
     """Optimum's layout: a model_index.json naming each component folder and the build's real
     scheduler class (from its scheduler_config.json, not a fixed PNDM)."""
-    index = {"_class_name": "ORTStableDiffusionPipeline", "_sdc": "see manifest.json",
-             "scheduler": ["diffusers", scheduler_class or "PNDMScheduler"],
-             "tokenizer": ["transformers", "CLIPTokenizer"]}
+    index = {"_class_name": OPTIMUM_PIPELINES[family.name], "_sdc": "see manifest.json",
+             "scheduler": ["diffusers", scheduler_class or "PNDMScheduler"]}
+    for encoder in family.text_encoders:
+        index[encoder.tokenizer] = ["transformers", "CLIPTokenizer"]
     for stage in stages:
         index[stage] = ["optimum", "ORTModel"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -387,7 +401,7 @@ def _write_component_configs(source, tmp: Path, stages) -> None:
     wrong image), so they are the model's real configs, copied whole, never rebuilt from ours."""
     configs = source.configs()
     for stage in stages:
-        config = configs[GRAPH_SPECS[stage].component]
+        config = configs[source.spec.spec(stage).component]
         (tmp / stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -441,8 +455,11 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         # The float build a quantized one is made from: fp16 only when asked for (a GPU build
         # with some stages quantized), else fp32 (the CPU's type, and the widest source).
         float_precision = "fp16" if opts.precision == "fp16" else "fp32"
+        from ..families import FAMILIES
+
+        every = opts.stages or sorted({s for f in FAMILIES.values() for s in f.stages})
         qp.parse_stage_precision(opts.stage_precision if isinstance(opts.stage_precision, str)
-                                 else None, opts.stages)  # bad flags fail before any export
+                                 else None, every)  # bad flags fail before any export
         source = build(replace(opts, precision=float_precision, out=None, stage_precision=None),
                        log)
         log(f"float source: {source.out}; quantizing")
@@ -455,27 +472,35 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     return _build_float(opts, log)
 
 
-def _build_float(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
-    from .sources import resolve_model
-
-    unknown = [s for s in opts.stages if s not in GRAPH_SPECS]
+def _check_stages(opts: BuildOptions, family: Family) -> None:
+    if opts.stages is None:
+        opts.stages = family.stages
+    unknown = [s for s in opts.stages if s not in family.stages]
     if unknown or not opts.stages:
-        raise SdcError(f"unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+        raise SdcError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} for "
+                       f"{family.title}; expected some of {', '.join(family.stages)}")
     if opts.unet_chunks not in (0, 1):
         from .unet_chunks import MAX_CHUNKS
 
         if not isinstance(opts.unet_chunks, int) or not 2 <= opts.unet_chunks <= MAX_CHUNKS:
             raise SdcError(f"--unet-chunks {opts.unet_chunks}: expected an integer from 2 to "
                            f"{MAX_CHUNKS} (or 1: the UNet whole)")
-        if "unet" not in opts.stages:
-            raise SdcError("--unet-chunks cuts the UNet graph, which --stages leaves out; add unet")
+        if family.one("denoise") not in opts.stages:
+            raise SdcError("--unet-chunks cuts the UNet graph, which --stages leaves out; add "
+                           + family.one("denoise"))
     else:
         opts.unet_chunks = 0
+
+
+def _build_float(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
+    from .sources import resolve_model
+
     # Never reach a model hub: every config and tokenizer file is local or shipped.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
     source = resolve_model(opts.model, opts.config)
     try:
+        _check_stages(opts, source.spec)
         out = Path(opts.out) if opts.out else default_out(opts, source.name, opts.loras)
         out = out.absolute()
         listed = check_out(out)
@@ -515,29 +540,33 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
 
         fusion = TorchFusion(plan(adapters), embeddings, keep=opts.precision == "fp16")
     dims = source.dims()
-    stages = [s for s in STAGES if s in opts.stages]
+    family = source.spec
+    stages = [s for s in family.stages if s in opts.stages]
     by_component: dict[str, list[str]] = {}
     for s in stages:
-        by_component.setdefault(GRAPH_SPECS[s].component, []).append(s)
+        by_component.setdefault(family.spec(s).component, []).append(s)
     results = {}
     for component, comp_stages in by_component.items():
         # fp32 graphs first: the module is cast to fp16 in place for the fp16 ones.
-        comp_stages.sort(key=lambda s: GRAPH_SPECS[s].fp16_policy != "fp32")
+        comp_stages.sort(key=lambda s: family.spec(s).fp16_policy != "fp32")
         _check_cancel(opts)
         results.update(_build_component(source, component, comp_stages, opts.precision, dims,
                                         tmp, log, fusion, opts.unet_chunks))
         _check_cancel(opts)
-    scheduler = _copy_tokenizer_and_scheduler(source, tmp, embeddings)
-    _write_model_index(tmp, stages, scheduler["class"])
+    _copy_tokenizers(source, tmp, embeddings)
+    scheduler = _copy_scheduler(source, tmp)
+    _write_model_index(tmp, family, stages, scheduler["class"])
     _write_component_configs(source, tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
     model = {**dims.as_dict(), "prediction_type": scheduler["prediction_type"],
              "default_size": source.native_size()}
-    graphs = {s: _graph_entry(s, results[s], dims, tmp, files) for s in stages}
+    graphs = {s: _graph_entry(family.spec(s), results[s], dims, tmp, files) for s in stages}
     _check_cancel(opts)
     from .profile import profile_build
 
-    memory_profile = profile_build(tmp, graphs, model, log)
+    family_block = family.describe(stages, source.model_index().get(
+        "force_zeros_for_empty_prompt", False))
+    memory_profile = profile_build(tmp, graphs, model, family_block, log)
     manifest = {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
@@ -553,10 +582,12 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         },
         "defaults": source.defaults(),
         "precision": opts.precision,
+        "family": family_block,
         "model": model,
-        "pipeline": [s for s in mf.PIPELINE if s in stages],
+        "pipeline": [s for s in family.pipeline if s in stages],
         "scheduler": {"class": scheduler["class"], "config": "scheduler/scheduler_config.json"},
-        "tokenizer": {"files": sorted(r for r in files if r.startswith("tokenizer/")),
+        "tokenizer": {"files": sorted(r for r in files if r.split("/")[0] in
+                                      {e.tokenizer for e in family.text_encoders}),
                       "max_length": dims.max_sequence},
         "graphs": graphs,
         "memory_profile": memory_profile,

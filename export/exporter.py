@@ -19,7 +19,7 @@ import onnx_ir
 import torch
 
 from .quiet import quiet_torch_stack
-from ..runtime.specs import GraphSpec, ModelDims
+from ..families.graph_spec import GraphSpec, ModelDims
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
@@ -36,6 +36,26 @@ class TextEncoderGraph(torch.nn.Module):
         return out.last_hidden_state.float()
 
 
+class PenultimateTextGraph(torch.nn.Module):
+    """SDXL's use of CLIP: the hidden states before the last layer (no final layer norm)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2].float()
+
+
+class PenultimatePooledTextGraph(PenultimateTextGraph):
+    """SDXL's second encoder: penultimate states and the pooled projection (text_embeds)."""
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2].float(), out.text_embeds.float()
+
+
 class UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -44,6 +64,17 @@ class UNetGraph(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states):
         dt = self.unet.dtype
         out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt), return_dict=False)[0]
+        return out.float()
+
+
+class TextTimeUNetGraph(UNetGraph):
+    """SDXL's UNet: added conditioning from the pooled text and the size/crop ids."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        dt = self.unet.dtype
+        cond = {"text_embeds": text_embeds.to(dt), "time_ids": time_ids.to(dt)}
+        out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt),
+                        added_cond_kwargs=cond, return_dict=False)[0]
         return out.float()
 
 
@@ -73,19 +104,21 @@ class VaeEncoderGraph(torch.nn.Module):
         return h.float()
 
 
+# GraphSpec.graph -> its wrapper, and the attribute the wrapper stores its component under
+# (stripped from parameter names to give module paths).
 GRAPH_MODULES = {
-    "text_encoder": TextEncoderGraph,
-    "unet": UNetGraph,
-    "vae_decoder": VaeDecoderGraph,
-    "vae_encoder": VaeEncoderGraph,
+    "clip_last": (TextEncoderGraph, "text_encoder."),
+    "clip_penultimate": (PenultimateTextGraph, "text_encoder."),
+    "clip_penultimate_pooled": (PenultimatePooledTextGraph, "text_encoder."),
+    "unet": (UNetGraph, "unet."),
+    "unet_text_time": (TextTimeUNetGraph, "unet."),
+    "vae_decoder": (VaeDecoderGraph, "vae."),
+    "vae_encoder": (VaeEncoderGraph, "vae."),
 }
-# The attribute the wrapper stores its component under: stripped to give module paths.
-WRAPPER_PREFIX = {"text_encoder": "text_encoder.", "unet": "unet.", "vae_decoder": "vae.",
-                  "vae_encoder": "vae."}
 
 
 def wrap(spec: GraphSpec, component) -> torch.nn.Module:
-    return GRAPH_MODULES[spec.stage](component).eval()
+    return GRAPH_MODULES[spec.graph][0](component).eval()
 
 
 def export_graph(spec: GraphSpec, graph: torch.nn.Module, dims: ModelDims, out_dir: Path) -> dict:
@@ -145,7 +178,7 @@ def _name_output_dims(model, spec: GraphSpec, dims: ModelDims) -> None:
 
 def _weight_map(spec: GraphSpec, graph: torch.nn.Module, inits: set[str]) -> dict:
     """{component parameter path: ONNX initializer name}, exact, for every parameter kept."""
-    prefix = WRAPPER_PREFIX[spec.stage]
+    prefix = GRAPH_MODULES[spec.graph][1]
     mapping, dropped = {}, []
     for name, _ in graph.named_parameters():
         key = name.removeprefix(prefix)

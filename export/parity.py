@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ParityError
 from .memory import PeakRss
-from ..runtime.specs import GraphSpec, ModelDims
+from ..families.graph_spec import GraphSpec, ModelDims
 
 
 def parity_cases(spec: GraphSpec, dims: ModelDims) -> dict[str, dict[str, np.ndarray]]:
@@ -31,15 +31,29 @@ def parity_cases(spec: GraphSpec, dims: ModelDims) -> dict[str, dict[str, np.nda
 
 
 def torch_references(graph, spec: GraphSpec, feeds_by_case: dict) -> dict[str, np.ndarray]:
-    """Run the (fp32) wrapped torch module on every parity case."""
+    """Run the (fp32) wrapped torch module on every parity case: one array per case, or a tuple
+    of arrays (in the spec's output order) for a graph with several outputs."""
     import torch
 
     refs = {}
     with torch.no_grad():
         for case, feeds in feeds_by_case.items():
             args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
-            refs[case] = graph(*args).float().numpy()
+            out = graph(*args)
+            refs[case] = (tuple(o.float().numpy() for o in out) if isinstance(out, tuple)
+                          else out.float().numpy())
     return refs
+
+
+def compare_outputs(ref, outs: list, graph_precision: str, spec: GraphSpec) -> dict:
+    """`compare` over every output of a graph; the worst one is the case's result."""
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    results = [compare(r, o, graph_precision, spec) for r, o in zip(refs, outs)]
+    failed = [r for r in results if not r["passed"]]
+    if failed or len(results) == 1:
+        return (failed or results)[0]
+    values = [r["value"] for r in results]
+    return {"value": max(values) if graph_precision == "fp32" else min(values), "passed": True}
 
 
 def compare(ref: np.ndarray, out: np.ndarray, graph_precision: str, spec: GraphSpec) -> dict:
@@ -78,8 +92,8 @@ def check_graph(spec: GraphSpec, onnx_path: Path, graph_precision: str,
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         for case, feeds in feeds_by_case.items():
-            out = session.run(None, feeds)[0]
-            res = compare(refs[case], out, graph_precision, spec)
+            outs = session.run([t.name for t in spec.outputs], feeds)
+            res = compare_outputs(refs[case], outs, graph_precision, spec)
             shape = {t.name: list(feeds[t.name].shape) for t in spec.inputs}
             results.append({"case": case, "input_shapes": shape, **res})
         del session

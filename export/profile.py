@@ -25,13 +25,18 @@ WHAT = ("peak resident memory (VmHWM) above the level before each unit, in a fre
         "stage, sessions opened as `sdc run` opens them; run_s / load_s in seconds")
 
 
-def profile_build(folder: Path, graphs: dict, model: dict, log: Callable[[str], None]) -> dict:
+def profile_build(folder: Path, graphs: dict, model: dict, family: dict,
+                  log: Callable[[str], None]) -> dict:
+    """`family`: the manifest's family block (the stages' roles, the text encoders)."""
     t_start = time.perf_counter()
     stages = {}
     baseline = None
     runtime_held = first_session = 0
     for stage, graph in graphs.items():
-        job = {"folder": str(folder), "stage": stage, "graph": graph, "model": model}
+        tokenizer = next((e["tokenizer"] for e in family["text_encoders"] if e["stage"] == stage),
+                         None)
+        job = {"folder": str(folder), "stage": stage, "graph": graph, "model": model,
+               "family": family["name"], "role": family["roles"][stage], "tokenizer": tokenizer}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
         try:

@@ -1,15 +1,16 @@
 """Model inputs for `sdc build`: what MODEL points at, what family it is, and how to load each part.
 
 Three kinds, all offline:
-  diffusers     a diffusers-format SD1.x folder (model_index.json, unet/, vae/, text_encoder/, ...)
+  diffusers     a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, ...)
   single_file   an A1111/CompVis checkpoint (.safetensors, or .ckpt/.pt unpickled weights-only)
   builtin       no MODEL: sdc-tiny, the project's own trained tiny SD1 model, shipped in the package
                 (export/data/sdc-tiny, trained by training/train_tiny.py)
 
-The family (SD1.x / SD2.x / SDXL / ...) is detected from metadata before any tensor is loaded: the
-diffusers configs, or the safetensors header (key names and shapes). A model sdc cannot build yet
-is refused naming what it is. Single-file checkpoints are converted with diffusers' own converters
-against the SD1.x component configs shipped in export/data/sd15 (no hub access).
+The family (sd1 / sd2 / sdxl, families/) is detected from metadata before any tensor is loaded:
+the diffusers configs, or the safetensors header (key names and shapes). A model sdc cannot build
+yet is refused naming what it is. Single-file checkpoints are converted with diffusers' own
+converters against the family's full-size component configs shipped in export/data/ (sd15, sd21,
+sd21-v, sdxl; no hub access), or the folder --config names.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 from ..errors import SdcError
 from ..fusion.safetensors_file import read_safetensors
 from ..runtime.manifest import sha256_file
-from ..runtime.specs import ModelDims
-from .tiny_model import SD15_CONFIGS
+from ..families import FAMILIES, Family, ModelDims
+from ..families.base import DATA
+from ..families import family as family_of
 
 SDC_TINY = Path(__file__).parent / "data" / "sdc-tiny"
 # Optional file in a model folder: the generation defaults its trainer recommends (sdc-tiny wants
@@ -33,12 +35,6 @@ MODEL_DEFAULTS_FILE = "sdc.json"
 DEFAULT_KEYS = {"guidance": float, "steps": int}
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-# Where each diffusers component lives inside an A1111/CompVis checkpoint.
-LDM_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.transformer.",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +99,7 @@ def _shapes_of(path: Path) -> tuple[dict[str, list[int]], dict | None]:
 
 
 def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
-    """'sd1' or an SdcError naming what the checkpoint is."""
+    """The family name (sd1 | sd2 | sdxl), or an SdcError naming what the checkpoint is."""
     keys = shapes.keys()
 
     def has(prefix: str) -> bool:
@@ -112,33 +108,43 @@ def detect_single_file_family(shapes: dict[str, list[int]], path: Path) -> str:
     if has("lora_unet_") or has("lora_te") or any(".lora_" in k or "lora_A" in k for k in keys):
         raise SdcError(f"{path}: this is a LoRA adapter, not a base model; pass it as "
                        "`sdc build MODEL --lora PATH`")
-    if has("conditioner.embedders."):
-        raise SdcError(f"{path}: SDXL checkpoint (conditioner.embedders.* keys); sdc builds SD1.x "
-                       "only for now, use an SD1.x model")
     if has("model.diffusion_model.joint_blocks") or has("model.diffusion_model.double_blocks"):
-        raise SdcError(f"{path}: SD3/Flux (transformer) checkpoint; sdc builds SD1.x UNet models only")
+        raise SdcError(f"{path}: SD3/Flux (transformer) checkpoint; sdc builds UNet models "
+                       "(SD1.x, SD2.x, SDXL) only")
     if not has("model.diffusion_model."):
         sample = ", ".join(list(keys)[:3])
         raise SdcError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet "
-                       f"weights; keys look like: {sample}); expected an SD1.x .safetensors/.ckpt")
-    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    context = shapes[to_k][1] if to_k in shapes else None
-    if has("cond_stage_model.model.") or context == 1024:
-        raise SdcError(f"{path}: SD2.x checkpoint (OpenCLIP text encoder, context 1024); sdc builds "
-                       "SD1.x only for now")
-    if not has("cond_stage_model.transformer."):
-        raise SdcError(f"{path}: checkpoint has no CLIP text encoder "
-                       "(cond_stage_model.transformer.*); expected a full SD1.x checkpoint")
+                       f"weights; keys look like: {sample}); expected an SD1.x/SD2.x/SDXL "
+                       ".safetensors/.ckpt")
+    if has("conditioner.embedders."):
+        if not has("conditioner.embedders.1.model."):
+            raise SdcError(f"{path}: SDXL refiner checkpoint (one OpenCLIP text encoder, aesthetic-"
+                           "score conditioning); sdc builds SDXL base models, use one")
+        if not has("conditioner.embedders.0.transformer."):
+            raise SdcError(f"{path}: SDXL checkpoint without its CLIP-L text encoder "
+                           "(conditioner.embedders.0.transformer.*); expected a full SDXL checkpoint")
+        family = "sdxl"
+    elif has("cond_stage_model.model."):
+        family = "sd2"  # OpenCLIP-H
+    elif has("cond_stage_model.transformer."):
+        to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        if to_k in shapes and shapes[to_k][1] == 1024:
+            raise SdcError(f"{path}: SD2.x UNet (context 1024) with an SD1 CLIP text encoder; "
+                           "expected a standard SD1.x or SD2.x checkpoint")
+        family = "sd1"
+    else:
+        raise SdcError(f"{path}: checkpoint has no text encoder (cond_stage_model.* or "
+                       "conditioner.embedders.*); expected a full SD1.x/SD2.x/SDXL checkpoint")
     if not has("first_stage_model."):
-        raise SdcError(f"{path}: checkpoint has no VAE (first_stage_model.*); expected a full SD1.x "
-                       "checkpoint")
+        raise SdcError(f"{path}: checkpoint has no VAE (first_stage_model.*); expected a full "
+                       f"{family_of(family).title} checkpoint")
     conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", [0, 4])
     if conv_in[1] != 4:
-        what = {9: "an SD1.x inpainting model", 8: "an instruct-pix2pix model"}.get(
+        what = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(
             conv_in[1], f"a {conv_in[1]}-channel UNet")
         raise SdcError(f"{path}: this is {what} (UNet takes {conv_in[1]} input channels); sdc "
-                       "builds text-to-image SD1.x (4 channels) only for now")
-    return "sd1"
+                       "builds text-to-image models (4 channels) only for now")
+    return family
 
 
 def _read_config(path: Path, folder: Path) -> dict:
@@ -164,30 +170,38 @@ def detect_diffusers_family(folder: Path) -> str:
         raise SdcError(f"{folder}: an sdc build, not a model to build from; to fuse LoRAs into it "
                        f"use `sdc build --from {folder} --lora ...`, to run it `sdc run -a {folder}`")
     onnx_graphs = list(folder.glob("*/model.onnx"))
-    if onnx_graphs or cls in ("OnnxStableDiffusionPipeline", "ORTStableDiffusionPipeline"):
+    if onnx_graphs or cls.startswith(("Onnx", "ORT", "OV")):
         raise SdcError(f"{folder}: an ONNX export by another tool ({cls}, {len(onnx_graphs)} graphs), "
                        "not PyTorch weights; sdc builds from the original diffusers folder or "
                        "single-file checkpoint — pass that instead")
-    if "XL" in cls:
-        raise SdcError(f"{folder}: SDXL pipeline ({cls}); sdc builds SD1.x only for now")
-    if cls not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-        raise SdcError(f"{folder}: model_index.json names {cls}, expected StableDiffusionPipeline "
-                       "(SD1.x)")
-    for part in ("unet", "vae", "text_encoder"):
+    matching = [f for f in FAMILIES.values() if cls in f.pipeline_classes]
+    if not matching:
+        known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes[:1])
+        raise SdcError(f"{folder}: model_index.json names {cls}, expected one of {known}")
+    family = matching[0]
+    if family.name == "sdxl" and not (folder / "text_encoder" / "config.json").is_file() \
+            and (folder / "text_encoder_2" / "config.json").is_file():
+        raise SdcError(f"{folder}: SDXL refiner (text_encoder_2 only, aesthetic-score "
+                       "conditioning); sdc builds SDXL base models, use one")
+    for part in family.components:
         if not (folder / part / "config.json").is_file():
-            raise SdcError(f"{folder}: missing {part}/config.json; expected a diffusers SD1.x folder "
-                           "with unet/, vae/, text_encoder/")
+            raise SdcError(f"{folder}: missing {part}/config.json; expected a diffusers "
+                           f"{family.title} folder with " + ", ".join(f"{c}/" for c in family.components))
     unet = _read_config(folder / "unet" / "config.json", folder)
-    if unet.get("cross_attention_dim") == 1024:
-        raise SdcError(f"{folder}: SD2.x model (cross_attention_dim 1024); sdc builds SD1.x only for now")
     if unet.get("in_channels", 4) != 4:
         raise SdcError(f"{folder}: UNet takes {unet['in_channels']} input channels (inpainting or "
-                       "pix2pix); sdc builds text-to-image SD1.x (4 channels) only for now")
-    if unet.get("addition_embed_type"):
-        raise SdcError(f"{folder}: UNet uses addition_embed_type={unet['addition_embed_type']} "
-                       "(SDXL-style); sdc builds SD1.x only for now")
-    return "sd1"
-
+                       "pix2pix); sdc builds text-to-image models (4 channels) only for now")
+    added = unet.get("addition_embed_type")
+    if family.conditioning == "text_time" and added != "text_time":
+        raise SdcError(f"{folder}: a {cls} whose UNet has addition_embed_type={added!r}, expected "
+                       "'text_time' (SDXL's added conditioning); the configs do not match")
+    if family.conditioning == "text" and added:
+        raise SdcError(f"{folder}: UNet uses addition_embed_type={added} (SDXL-style) under a "
+                       f"{cls}; the configs do not match")
+    if family.name == "sd1" and (unet.get("use_linear_projection")
+                                 or unet.get("cross_attention_dim") == 1024):
+        return "sd2"  # same pipeline class; OpenCLIP-H conditioning and linear projections
+    return family.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,51 +268,63 @@ class ModelSource:
         only defined for single-file checkpoints."""
         return self.file_hashes()[self.path.name][:10] if self.kind == "single_file" else None
 
+    @property
+    def spec(self) -> Family:
+        return family_of(self.family)
+
     def native_size(self) -> int:
-        """Training resolution in pixels (512 for SD1.x): the runtime's default width/height."""
+        """Training resolution in pixels (512 for SD1.x, 1024 for SDXL): the default size."""
         cfg = self.configs()
         return int(cfg["unet"].get("sample_size", 64)) * self.dims().vae_scale_factor
 
     def dims(self) -> ModelDims:
-        cfg = self.configs()
-        unet, vae, te = cfg["unet"], cfg["vae"], cfg["text_encoder"]
-        return ModelDims(
-            hidden_size=int(te["hidden_size"]),
-            vocab_size=int(te["vocab_size"]),
-            max_sequence=int(te.get("max_position_embeddings", 77)),
-            latent_channels=int(vae.get("latent_channels", 4)),
-            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-            unet_multiple=2 ** (len(unet["block_out_channels"]) - 1),
-            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        )
+        return self.spec.dims(self.configs())
 
     def configs(self) -> dict:
         return {p: _read_config(self.config_dir / p / "config.json", self.config_dir)
-                for p in ("unet", "vae", "text_encoder")}
+                for p in self.spec.components}
 
     def scheduler_config(self) -> dict:
         return _read_config(self.config_dir / "scheduler" / "scheduler_config.json", self.config_dir)
 
-    def tokenizer_dir(self) -> Path:
-        own = self.config_dir / "tokenizer"
-        return own if (own / "vocab.json").is_file() else SD15_CONFIGS / "tokenizer"
+    def model_index(self) -> dict:
+        index = self.config_dir / "model_index.json"
+        return _read_config(index, self.config_dir) if index.is_file() else {}
+
+    def tokenizer_dir(self, name: str = "tokenizer") -> Path:
+        """The model's tokenizer folder `name`; SD1 folders without one use the shipped CLIP's,
+        and the shipped config sets' tokenizers (a pad token over it) are derived on first use."""
+        own = self.config_dir / name
+        if (own / "vocab.json").is_file() or (own / "tokenizer.json").is_file():
+            return own
+        if (own / "tokenizer_config.json").is_file() and DATA in own.resolve().parents:
+            from .clip_tokenizer import shipped_tokenizer
+
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="sdc-tokenizers-")
+            derived = Path(self._tmp.name) / name
+            return derived if derived.is_dir() else shipped_tokenizer(own, derived)
+        if self.family == "sd1":
+            return family_of("sd1").config_dir() / "tokenizer"
+        raise SdcError(f"{self.path}: no {name}/ (vocab.json or tokenizer.json) for its "
+                       f"{self.spec.title} text encoder; copy the model's {name} folder in, or "
+                       "pass --config DIR holding it")
 
     def load(self, component: str, dtype: str = "fp32"):
-        """The torch module (eval) for a diffusers component name (unet, vae, text_encoder)."""
+        """The torch module (eval) for one of the family's diffusers components."""
+        import importlib
+
         import torch
 
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+        library, cls_name = self.spec.components[component]
+        cls = getattr(importlib.import_module(library), cls_name)
         if self.kind != "single_file":
             variant = self._variant(component)
-            if component == "text_encoder":
-                m, info = CLIPTextModel.from_pretrained(
-                    self.path / "text_encoder", dtype=torch_dtype, variant=variant,
-                    output_loading_info=True)
+            if library == "transformers":
+                m, info = cls.from_pretrained(self.path / component, dtype=torch_dtype,
+                                              variant=variant, output_loading_info=True)
             else:
-                cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
                 m, info = cls.from_pretrained(self.path, subfolder=component,
                                               torch_dtype=torch_dtype, variant=variant,
                                               output_loading_info=True)
@@ -313,22 +339,21 @@ class ModelSource:
                                "the folder's weights and configs disagree")
             return m.eval()
         sd = self._component_state_dict(component)
-        # diffusers' own LDM -> diffusers converters, fed the shipped SD1.x configs (offline).
-        if component == "text_encoder":
+        # diffusers' own LDM -> diffusers converters, fed the shipped configs (offline).
+        if library == "transformers":
             from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
             m = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, sd, subfolder="text_encoder", config=str(self.config_dir),
+                cls, sd, subfolder=component, config=str(self.config_dir),
                 torch_dtype=torch_dtype, local_files_only=True)
         else:
-            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
             m = cls.from_single_file(sd, config=str(self.config_dir), subfolder=component,
                                      torch_dtype=torch_dtype, local_files_only=True)
         unloaded = [n for n, p in m.named_parameters() if p.device.type == "meta"]
         if unloaded:  # the converter found no tensor for these: never export an empty weight
             raise SdcError(f"{self.path}: the checkpoint has no {component} weights for "
-                           f"{len(unloaded)} parameter(s) (e.g. {unloaded[0]}); is it a full SD1.x "
-                           "checkpoint matching the configs?")
+                           f"{len(unloaded)} parameter(s) (e.g. {unloaded[0]}); is it a full "
+                           f"{self.spec.title} checkpoint matching the configs?")
         return m.eval()
 
     def _variant(self, component: str) -> str | None:
@@ -338,7 +363,7 @@ class ModelSource:
         return "fp16" if not plain and any(".fp16." in f for f in files) else None
 
     def _component_state_dict(self, component: str) -> dict:
-        prefix = LDM_PREFIXES[component]
+        prefix = self.spec.ldm_prefixes[component]
         if self._state_dict is not None:
             return {k: v for k, v in self._state_dict.items() if k.startswith(prefix)}
         from safetensors import safe_open
@@ -353,14 +378,14 @@ class ModelSource:
             self._tmp = None
 
 
-def _diffusers_weight_files(folder: Path) -> list[Path]:
+def _diffusers_weight_files(folder: Path, family: Family) -> list[Path]:
     files = []
-    for part in ("unet", "vae", "text_encoder"):
+    for part in family.components:
         found = sorted(p for p in (folder / part).iterdir()
                        if p.suffix in (".safetensors", ".bin") and p.is_file())
         if not found:
             raise SdcError(f"{folder}: {part}/ has no weights (.safetensors or .bin); expected a "
-                           "complete diffusers SD1.x folder")
+                           f"complete diffusers {family.title} folder")
         for p in found:
             if p.suffix == ".safetensors":
                 read_safetensors_header(p)  # refuses truncated files before diffusers chokes
@@ -368,58 +393,73 @@ def _diffusers_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _check_single_file_fits(shapes: dict, config_dir: Path, path: Path) -> None:
+def _check_single_file_fits(shapes: dict, config_dir: Path, path: Path, family: Family) -> None:
     """A checkpoint whose widths differ from the configs would fail deep inside diffusers."""
-    unet = json.loads((config_dir / "unet" / "config.json").read_text())
-    te = json.loads((config_dir / "text_encoder" / "config.json").read_text())
-    checks = [
-        ("model.diffusion_model.input_blocks.0.0.weight", 0, unet["block_out_channels"][0], "UNet width"),
-        ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", 1,
-         te["hidden_size"], "text encoder width"),
-        ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1,
-         unet["cross_attention_dim"], "UNet cross-attention width"),
-    ]
+    configs = {p: _read_config(config_dir / p / "config.json", config_dir) for p in family.components}
+    unet = configs["unet"]
+    checks = [("model.diffusion_model.input_blocks.0.0.weight", 0, unet["block_out_channels"][0],
+               "UNet width")]
+    for component, cfg in configs.items():
+        if family.components[component][0] != "transformers":
+            continue
+        prefix = family.ldm_prefixes[component]
+        for key in (prefix + "text_model.embeddings.token_embedding.weight",  # CLIP layout
+                    prefix + "token_embedding.weight"):  # OpenCLIP layout
+            checks.append((key, 1, cfg["hidden_size"], f"{component} width"))
     for key, axis, want, what in checks:
         if key in shapes and shapes[key][axis] != want:
             raise SdcError(f"{path}: {what} is {shapes[key][axis]}, the configs in {config_dir} say "
                            f"{want}; pass --config DIR with this model's diffusers component configs")
 
 
+def config_folder(config: str, family: Family) -> Path:
+    """--config: a shipped config set by name (sd15, sd21, sd21-v, sdxl) or a folder."""
+    shipped = {name: f for f in FAMILIES.values() for name in f.configs}
+    if config in shipped:
+        if shipped[config].name != family.name:
+            raise SdcError(f"--config {config} holds {shipped[config].title} configs, but the "
+                           f"checkpoint is {family.title}; use one of {', '.join(family.configs)}")
+        return family.config_dir(config)
+    folder = Path(config).resolve()
+    for part in family.components:
+        if not (folder / part / "config.json").is_file():
+            raise SdcError(f"--config {folder}: missing {part}/config.json; expected a diffusers "
+                           f"{family.title} folder's component configs, or one of "
+                           f"{', '.join(shipped)}")
+    return folder
+
+
 def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
     """Turn the MODEL argument into a validated ModelSource (raises SdcError on bad input).
 
-    `config` is a diffusers-format folder of component configs for single-file checkpoints that
-    are not the standard SD1.x size (default: the shipped SD1.5 configs).
+    `config` is a shipped config set's name or a diffusers-format folder of component configs,
+    for single-file checkpoints (default: the family's standard full-size configs).
     """
     if model is None:
         if not (SDC_TINY / "model_index.json").is_file():
             raise SdcError(f"the built-in model is missing from {SDC_TINY}; reinstall sdc, or "
                            "retrain it with `make tiny-model`, or pass MODEL")
         return ModelSource("builtin", SDC_TINY, "sdc-tiny", "sd1", SDC_TINY,
-                           _diffusers_weight_files(SDC_TINY),
+                           _diffusers_weight_files(SDC_TINY, family_of("sd1")),
                            note="the built-in sdc-tiny: 64 px shapes on backgrounds, trained by "
                                 "sdc (training/train_tiny.py); see its model card")
     path = Path(model).expanduser()
     if not path.exists():
-        raise SdcError(f"model not found: {path}; expected a diffusers SD1.x folder or a "
+        raise SdcError(f"model not found: {path}; expected a diffusers model folder or a "
                        ".safetensors/.ckpt checkpoint (omit MODEL for the built-in one)")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise SdcError(f"{path}: not a diffusers model folder (no model_index.json); expected a "
-                           "diffusers SD1.x folder or a single-file checkpoint")
+                           "diffusers model folder or a single-file checkpoint")
         family = detect_diffusers_family(path)
         return ModelSource("diffusers", path.resolve(), path.resolve().name, family, path.resolve(),
-                           _diffusers_weight_files(path.resolve()))
+                           _diffusers_weight_files(path.resolve(), family_of(family)))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise SdcError(f"{path}: unknown model file type '{path.suffix}'; expected .safetensors or "
                        ".ckpt (or a diffusers folder)")
-    config_dir = Path(config).resolve() if config else SD15_CONFIGS
-    for part in ("unet", "vae", "text_encoder"):
-        if not (config_dir / part / "config.json").is_file():
-            raise SdcError(f"--config {config_dir}: missing {part}/config.json; expected a diffusers "
-                           "folder's component configs")
     shapes, state_dict = _shapes_of(path)
-    family = detect_single_file_family(shapes, path)
-    _check_single_file_fits(shapes, config_dir, path)
-    return ModelSource("single_file", path.resolve(), path.stem, family, config_dir, [path.resolve()],
-                       _state_dict=state_dict)
+    family = family_of(detect_single_file_family(shapes, path))
+    config_dir = config_folder(config, family) if config else family.config_dir()
+    _check_single_file_fits(shapes, config_dir, path, family)
+    return ModelSource("single_file", path.resolve(), path.stem, family.name, config_dir,
+                       [path.resolve()], _state_dict=state_dict)

@@ -35,7 +35,7 @@ from .. import __version__
 from ..errors import ParityError, SdcError
 from ..runtime import manifest as mf
 from ..runtime import store
-from ..runtime.specs import GRAPH_SPECS, ModelDims
+from ..families import dims_of, of_manifest
 from . import formats as fm
 from . import plan as qp
 
@@ -149,7 +149,8 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
     if isinstance(overrides, str) or overrides is None:
         overrides = qp.parse_stage_precision(overrides, stages)
     opts = replace(opts, stage_precision=overrides)
-    formats = qp.stage_formats(opts.precision, overrides, stages)
+    roles = {s: base["family"]["roles"][s] for s in stages}
+    formats = qp.stage_formats(opts.precision, overrides, roles)
     fm.check_block(opts.block_size)
     for stage in stages:
         src = base["graphs"][stage]["precision"]
@@ -167,7 +168,7 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
         raise SdcError("--quality-target applies to quantized stages; none is int8/int4")
 
     adapters, fused, lora_report = _fuse(opts, base)
-    label = qp.label(formats)
+    label = qp.label(formats, roles)
     names = "+".join([base["base_model"]["name"]] + [Path(s.path).stem for s in opts.loras])
     out = Path(opts.out or opts.artifacts_root / f"{names}-{label}").absolute()
     if out == opts.from_dir:
@@ -190,7 +191,7 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
     judged = [s for s in changed if targets[s] is not None] + \
         [s for s in stages if s not in changed and fused.get(s)]
     calib = calibrate(opts.from_dir, base, set(judged), opts.loras, log=log) if judged else None
-    dims = ModelDims(**{k: base["model"][k] for k in ModelDims.__dataclass_fields__})
+    dims = dims_of(base["model"])
     with store.staging(out) as tmp:
         rewritten = {s for s in stages if s in changed or fused.get(s)}
         for rel in base["files"]:
@@ -215,7 +216,7 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
                                             _graph_file(r, stage, graphs[stage]))
         from ..export.profile import profile_build
 
-        memory_profile = profile_build(tmp, graphs, base["model"], log)
+        memory_profile = profile_build(tmp, graphs, base["model"], base["family"], log)
         manifest = copy.deepcopy(base)
         manifest.update(
             build_key=key, precision=label, graphs=graphs, memory_profile=memory_profile,
@@ -232,7 +233,8 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
                    "peak_rss_bytes": process_peak_rss_bytes()})
         manifest["versions"] = {**base.get("versions", {}), "sdc": __version__}
         mf.write_manifest(tmp, manifest)
-        if calib is not None and "unet" in rewritten and set(base["pipeline"]) <= set(stages):
+        denoiser = of_manifest(base).one("denoise")
+        if calib is not None and denoiser in rewritten and set(base["pipeline"]) <= set(stages):
             manifest["quantization"]["images"] = _image_gate(calib, tmp, base, formats, targets,
                                                              log)
             mf.write_manifest(tmp, manifest)
@@ -299,7 +301,7 @@ def _fuse(opts: QuantizeOptions, base: dict):
 
 
 def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: str,
-                    target: float | None, fused: dict, feeds: list[dict], dims: ModelDims,
+                    target: float | None, fused: dict, feeds: list[dict], dims,
                     tmp: Path, log) -> dict:
     import onnx
 
@@ -342,7 +344,7 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
     # Judged on every input the gate checks: the trajectories and the spec's parity cases. The
     # reference (the float graph, LoRAs fused) is computed once; the quantized graph is written
     # and measured for real first, and only a graph that misses its target is searched.
-    cases = parity_cases(GRAPH_SPECS[stage], dims)
+    cases = parity_cases(of_manifest(base).spec(stage), dims)
     inputs = [(f"calibration {i}", f) for i, f in enumerate(feeds)] + list(cases.items())
     reference = _run(src, [f for _, f in inputs], fused)
     dst = tmp / stage / "model.onnx"
@@ -398,7 +400,7 @@ def _quantize_stage(stage: str, base: dict, opts: QuantizeOptions, stage_fmt: st
         _quantize_tiled(stage, graph, base, opts, plan, fused, tmp, dims, log, encoded)
     encoded.clear()
     if graph.get("chunks"):
-        _recut_chunks(stage, graph, tmp, dims, log)
+        _recut_chunks(of_manifest(base).spec(stage), graph, tmp, dims, log)
     log(f"[{stage}] {stage_fmt} written in {time.perf_counter() - t0:.1f} s")
     return graph
 
@@ -458,7 +460,7 @@ TILED_PREFIX = "tiled-"  # quantized builds: vae_decoder/tiled-<segment>.onnx
 
 
 def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, plan: dict,
-                    fused: dict, tmp: Path, dims: ModelDims, log, encoded: dict) -> None:
+                    fused: dict, tmp: Path, dims, log, encoded: dict) -> None:
     """The decoder's tiling segments get the whole graph's formats weight for weight (matched by
     content: a segment's initializer holds the same bytes as the whole graph's), then the tiled
     decode is gated against the quantized whole graph as the float build gated it (max_rel)."""
@@ -503,7 +505,7 @@ def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, 
     tiled.update(segments=segments, files=sorted(files),
                  description=tiled.get("description", "") + " Quantized: the segments sit beside "
                  "the whole graph and share its data file.")
-    spec = GRAPH_SPECS[stage]
+    spec = of_manifest(base).spec(stage)
     cases = parity_cases(spec, dims)
     main = tmp / stage / "model.onnx"
     refs = dict(zip(cases, _run(main, list(cases.values()))))
@@ -514,15 +516,15 @@ def _quantize_tiled(stage: str, graph: dict, base: dict, opts: QuantizeOptions, 
         f"{tiled['parity']['value']:.3g}: passed")
 
 
-def _recut_chunks(stage: str, graph: dict, tmp: Path, dims: ModelDims, log) -> None:
+def _recut_chunks(spec, graph: dict, tmp: Path, dims, log) -> None:
     """The quantized UNet cut again into as many chunks as the float build had; each chunk and
     the chain gated against the quantized whole graph (its own gate is against the float)."""
     from ..export.parity import check_unet_chunks, parity_cases
     from ..export.unet_chunks import split_graph
 
+    stage = spec.stage
     n = len(graph["chunks"]["parts"])
     parts = split_graph(tmp / stage / "model.onnx", n, tmp / stage)
-    spec = GRAPH_SPECS[stage]
     cases = parity_cases(spec, dims)
     refs = dict(zip(cases, _run(tmp / stage / "model.onnx", list(cases.values()))))
     report = check_unet_chunks(tmp / stage, parts, spec, "fp32", cases, refs)

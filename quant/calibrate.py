@@ -55,6 +55,7 @@ def calibrate(folder: Path, manifest: dict, stages: set[str], loras=(), prompts=
     step = model["vae_scale_factor"] * model["unet_multiple"]
     size = max(step, min(int(model.get("default_size") or MAX_SIZE), MAX_SIZE) // step * step)
     feeds: dict[str, list[dict]] = {s: [] for s in stages}
+    denoiser = next(s for s, role in manifest["family"]["roles"].items() if role == "denoise")
     calib = Calibration(feeds, tuple(prompts), STEPS, size, [])
     for k, prompt in enumerate(prompts):
         seen: dict[str, list[dict]] = {s: [] for s in stages}
@@ -65,10 +66,10 @@ def calibrate(folder: Path, manifest: dict, stages: set[str], loras=(), prompts=
 
         result = run_pipeline(calib.options(folder, k, loras), observe=observe)
         calib.images.append(np.asarray(result.images[0]))
-        unet = seen.pop("unet", None)
+        unet = seen.pop(denoiser, None)
         if unet is not None:
             picks = np.linspace(0, len(unet) - 1, min(UNET_SNAPSHOTS, len(unet))).round().astype(int)
-            feeds["unet"] += [unet[i] for i in sorted(set(picks.tolist()))]
+            feeds[denoiser] += [unet[i] for i in sorted(set(picks.tolist()))]
         for stage, got in seen.items():
             feeds[stage] += got
     log(f"calibration: {len(prompts)} prompts, {STEPS} steps at {size}x{size}: "

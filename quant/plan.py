@@ -21,11 +21,13 @@ from __future__ import annotations
 from ..errors import SdcError
 from . import formats as fm
 
+# By stage role (families/graph_spec.py ROLES), so every family's text encoders, UNet and VAE
+# graphs get the same treatment.
 RECIPES = {
     "fp16": {"*": "fp16"},
     "fp32": {},
-    "int8": {"text_encoder": "int8", "unet": "int8", "vae_decoder": "fp16", "vae_encoder": "fp16"},
-    "int4": {"text_encoder": "int8", "unet": "int4", "vae_decoder": "fp16", "vae_encoder": "fp16"},
+    "int8": {"text": "int8", "denoise": "int8", "decode": "fp16", "encode_image": "fp16"},
+    "int4": {"text": "int8", "denoise": "int4", "decode": "fp16", "encode_image": "fp16"},
 }
 
 # (path component, reason): weights under a module with this name stay in 16 bits.
@@ -55,19 +57,34 @@ def parse_stage_precision(text: str | None, stages) -> dict[str, str]:
     return out
 
 
+def _roles(stages) -> dict[str, str]:
+    """{stage: role}: a build's `family.roles`, or stage names of the default (SD1) family."""
+    if isinstance(stages, dict):
+        return stages
+    from ..families import SD1
+
+    return {s: SD1.spec(s).role for s in stages}
+
+
+def _recipe_format(recipe: dict, role: str) -> str:
+    return recipe.get(role, recipe.get("*", "fp32"))
+
+
 def stage_formats(precision: str | None, overrides: dict[str, str], stages) -> dict[str, str]:
+    """{stage: format}; `stages` is the build's {stage: role} (or SD1 stage names)."""
     if precision is not None and precision not in RECIPES:
         raise SdcError(f"--precision {precision}: expected one of {', '.join(RECIPES)}")
     recipe = RECIPES[precision or "fp32"]
-    out = {s: recipe.get(s, recipe.get("*", "fp32")) for s in stages}
+    out = {s: _recipe_format(recipe, role) for s, role in _roles(stages).items()}
     out.update(overrides)
     return out
 
 
-def label(formats: dict[str, str]) -> str:
+def label(formats: dict[str, str], roles: dict[str, str] | None = None) -> str:
     """The build's precision label: the recipe name it matches, else 'mixed'."""
+    roles = roles or _roles(list(formats))
     for name, recipe in RECIPES.items():
-        if all(formats[s] == recipe.get(s, recipe.get("*", "fp32")) for s in formats):
+        if all(formats[s] == _recipe_format(recipe, roles[s]) for s in formats):
             return name
     return "mixed"
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import SdcError
 from .adapters import AdapterCache, FusedSet, fuse_set, parse_specs
-from .manifest import load_manifest, referenced_files, verify_files
+from .manifest import load_manifest, referenced_files, stage_with, verify_files
 from .pipeline import (AUTO_TILE, AUTO_TILE_ABOVE, GenerateOptions, GenerateResult,
                        _close_opened, _init_array, _init_size, _load_latents, _open_init_image,
                        _plan, _to_images, _validate, resolve_artifacts, with_model_defaults)
@@ -131,7 +131,11 @@ class Engine:
         self._sessions: dict[tuple, tuple] = {}  # (stage, onnx file) -> (variant, StageSession)
         self._bound: dict[str, tuple] = {}  # stage -> (adapter key, {slot: OrtValue})
         self._verified: dict[str, tuple] | None = None  # file -> (size, mtime_ns, inode)
-        self._tokenizer = None
+        self._tokenizers: dict[str, object] = {}
+        # the family's stages by role (text encoders, UNet, decoder, image encoder)
+        self.unet = stage_with(self.manifest, "denoise")
+        self.decoder = stage_with(self.manifest, "decode")
+        self.image_encoder = stage_with(self.manifest, "encode_image")
         self._scheduler_config = None
         self._baseline = 0
         self.lock = threading.Lock()  # one generation at a time per engine
@@ -259,9 +263,9 @@ class Engine:
             run.adapters = self.adapter_set(job.specs, run.log)
             self._timed(run, "lora", t0)  # hashing known files + a cache hit, or the fusion
         self.stats.requests += 1
-        embeds = self.encode_prompt(run)
+        cond = self.encode_prompt(run)
         latents, timesteps, scheduler = self.initial_latents(run)
-        latents = self.denoise(run, latents, embeds, timesteps, scheduler)
+        latents = self.denoise(run, latents, cond, timesteps, scheduler)
         pixels = self.decode(run, latents)
         report = run.adapters.report if run.adapters else []
         images, params = _to_images(pixels, opts, self.manifest, seeds, job.width, job.height,
@@ -373,43 +377,64 @@ class Engine:
 
     # --- stages ---------------------------------------------------------------------------------
 
-    def tokenizer(self):
+    def tokenizer(self, folder: str = "tokenizer"):
+        from .store import check_relative
         from .tokenizer import PromptTokenizer
 
-        if self._tokenizer is None:
-            self._tokenizer = PromptTokenizer(self.folder / "tokenizer",
-                                              self.manifest["tokenizer"]["max_length"])
-        return self._tokenizer
+        if folder not in self._tokenizers:
+            check_relative(folder, "family.text_encoders.tokenizer", self.folder)
+            self._tokenizers[folder] = PromptTokenizer(self.folder / folder,
+                                                       self.manifest["tokenizer"]["max_length"])
+        return self._tokenizers[folder]
 
-    def encode_prompt(self, run: _Run) -> np.ndarray:
-        """Text states, one row per UNet row: [negative x B, prompt x B] under CFG."""
+    def encode_prompt(self, run: _Run) -> dict[str, np.ndarray]:
+        """The UNet's conditioning, one row per UNet row ([negative x B, prompt x B] under CFG):
+        every text encoder's states concatenated on the last axis (`encoder_hidden_states`), and
+        for families with a pooled vector its `text_embeds`."""
         t0 = time.perf_counter()
         opts = run.job.opts
-        tok = self.tokenizer()
+        family = self.manifest["family"]
         cfg = opts.guidance > 1.0
         texts = [opts.negative, run.job.text] if cfg else [run.job.text]
         if self.manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n
             from ..fusion.embeddings import expand_prompt
 
             texts = [expand_prompt(t, self.manifest["embeddings"]) for t in texts]
-        tokens = tok(texts)
-        for what, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):],
-                             tokens.truncated):
-            if cut:
-                run.warnings.append(f"{what} longer than {tok.max_length} tokens: dropped {cut!r}")
-        run.truncated = any(tokens.truncated)
-        graph = self.manifest["graphs"]["text_encoder"]
-        te = self._session(run, "text_encoder", graph)
-        run.log(f"[text_encoder] holding text_encoder on {te.provider} "
-                f"({te.load_seconds:.1f} s to load)")
-        if run.observe:
-            run.observe("text_encoder", {"input_ids": tokens.ids})
-        embeds = te.run({"input_ids": tokens.ids}, bound=self._bound_slots(run, "text_encoder", te))
-        run.providers["text_encoder"] = te.provider
-        del te  # a streamed run releases the session here: the next stage's weights take its place
-        self._done(run, "text_encoder")
-        self._timed(run, "text_encoder", t0)
-        return np.repeat(embeds, opts.batch, axis=0)
+        states, pooled = [], None
+        for n, encoder in enumerate(family["text_encoders"]):
+            t0 = t0 if n == 0 else time.perf_counter()
+            stage = encoder["stage"]
+            tok = self.tokenizer(encoder["tokenizer"])
+            tokens = tok(texts)
+            if n == 0:
+                for what, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):],
+                                     tokens.truncated):
+                    if cut:
+                        run.warnings.append(f"{what} longer than {tok.max_length} tokens: "
+                                            f"dropped {cut!r}")
+                run.truncated = any(tokens.truncated)
+            te = self._session(run, stage, self.manifest["graphs"][stage])
+            run.log(f"[{stage}] holding {stage} on {te.provider} "
+                    f"({te.load_seconds:.1f} s to load)")
+            if run.observe:
+                run.observe(stage, {"input_ids": tokens.ids})
+            names = [encoder["states"]] + ([encoder["pooled"]] if encoder.get("pooled") else [])
+            outs = te.run({"input_ids": tokens.ids}, bound=self._bound_slots(run, stage, te),
+                          outputs=names)
+            states.append(outs[0])
+            if encoder.get("pooled"):
+                pooled = outs[1]
+            run.providers[stage] = te.provider
+            del te  # a streamed run releases the session here: the next stage's weights load
+            self._done(run, stage)
+            self._timed(run, stage, t0)
+        cond = {"encoder_hidden_states": np.concatenate(states, axis=-1)}
+        if pooled is not None:
+            cond["text_embeds"] = pooled
+        if cfg and family.get("zero_empty_negative") and not opts.negative:
+            # diffusers' SDXL pipelines: no negative prompt -> zero conditioning, not encoded ""
+            cond = {k: np.concatenate([np.zeros_like(v[:1]), v[1:]]) for k, v in cond.items()}
+        return {k: np.repeat(v, opts.batch, axis=0) for k, v in cond.items()}
 
     def scheduler(self, name: str):
         from .schedulers import make_scheduler
@@ -441,12 +466,13 @@ class Engine:
         """img2img: the init image through vae_encoder, sampled and noised to the first step."""
         t0 = time.perf_counter()
         model = self.manifest["model"]
-        enc = self._session(run, "vae_encoder", self.manifest["graphs"]["vae_encoder"])
-        run.log(f"[vae_encoder] holding vae_encoder on {enc.provider}")
+        stage = self.image_encoder
+        enc = self._session(run, stage, self.manifest["graphs"][stage])
+        run.log(f"[{stage}] holding {stage} on {enc.provider}")
         params = enc.run({"sample": run.job.init.astype(np.float32)})
-        run.providers["vae_encoder"] = enc.provider
+        run.providers[stage] = enc.provider
         del enc
-        self._done(run, "vae_encoder")
+        self._done(run, stage)
         mean, logvar = np.split(params.astype(np.float64), 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = np.empty(shape, np.float32)
@@ -456,31 +482,41 @@ class Engine:
             noise = given[i : i + 1] if given is not None else \
                 rng.standard_normal(clean.shape, dtype=np.float32)
             latents[i] = scheduler.add_noise(clean, noise, timesteps[:1])[0]
-        self._timed(run, "vae_encoder", t0)
+        self._timed(run, stage, t0)
         return latents
 
-    def denoise(self, run: _Run, latents, embeds, timesteps, scheduler) -> np.ndarray:
-        """The denoising loop; stops early on should_stop()."""
+    def denoise(self, run: _Run, latents, cond, timesteps, scheduler) -> np.ndarray:
+        """The denoising loop; stops early on should_stop(). `cond`: encode_prompt's
+        conditioning rows (and, for SDXL-style UNets, the size/crop ids are added here)."""
         from .unet_chunks import ChunkedUNet
 
         t0 = time.perf_counter()
         opts, plan = run.job.opts, run.job.plan
-        graph = self.manifest["graphs"]["unet"]
+        stage = self.unet
+        graph = self.manifest["graphs"][stage]
+        cond = dict(cond)
+        if self.manifest["family"]["conditioning"] == "text_time":
+            # original size, crop top-left, target size: diffusers' defaults for a plain run
+            h, w = run.job.height, run.job.width
+            ids = np.array([h, w, 0, 0, h, w], np.float32)
+            cond["time_ids"] = np.repeat(ids[None], len(cond["encoder_hidden_states"]), axis=0)
         bound = None
         if plan is not None and plan.unet == "chunks":  # streamed: weights go in at creation
-            fused = {**run.adapters.slots.get("unet", {}), **run.adapters.swaps.get("unet", {})} \
+            fused = {**run.adapters.slots.get(stage, {}), **run.adapters.swaps.get(stage, {})} \
                 if run.adapters else None
-            unet = ChunkedUNet(self.folder, graph, self.provider, plan.resident,
+            unet = ChunkedUNet(self.folder, stage, graph, self.provider, plan.resident,
                                initializers=fused or None, cuda_mem_limit=plan.budget,
                                threads=self.threads)
             self.stats.sessions_created += len(plan.resident) or 1
-            run.log(f"[unet] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} resident")
+            run.log(f"[{stage}] {plan.chunks} chunks on {unet.provider}, {len(plan.resident)} "
+                    "resident")
             run.warnings += unet.warnings
         else:
-            unet = self._session(run, "unet", graph)
-            bound = self._bound_slots(run, "unet", unet)
-            run.log(f"[unet] holding unet on {unet.provider} ({unet.load_seconds:.1f} s to load)")
-        run.providers["unet"] = unet.provider
+            unet = self._session(run, stage, graph)
+            bound = self._bound_slots(run, stage, unet)
+            run.log(f"[{stage}] holding {stage} on {unet.provider} ({unet.load_seconds:.1f} s to "
+                    "load)")
+        run.providers[stage] = unet.provider
         cfg = opts.guidance > 1.0
         multiple = self.manifest["model"]["unet_multiple"]
         rows = 2 * opts.batch if cfg else opts.batch
@@ -489,7 +525,7 @@ class Engine:
 
         def unet_pass(feeds):
             if run.observe:
-                run.observe("unet", feeds)
+                run.observe(stage, feeds)
             if bound:
                 return unet.run(feeds, multiple, bound=bound)
             return unet.run(feeds, multiple)
@@ -500,7 +536,7 @@ class Engine:
             eps = np.concatenate([
                 unet_pass({"sample": x[s:s + micro],
                            "timestep": np.full(len(x[s:s + micro]), t, np.float32),
-                           "encoder_hidden_states": embeds[s:s + micro]})
+                           **{k: v[s:s + micro] for k, v in cond.items()}})
                 for s in range(0, rows, micro)])
             if cfg:
                 uncond, text = np.split(eps, 2)
@@ -511,17 +547,17 @@ class Engine:
                                         for rng in run.rngs])
             latents = scheduler.step(eps.astype(np.float32), t, latents,
                                      noise=noise).astype(np.float32)
-            run.progress("unet", i + 1, len(timesteps))
+            run.progress(stage, i + 1, len(timesteps))
             stop = run.should_stop()
             if stop == "cancel":
                 raise Cancelled("cancelled: the request's client went away")
             if stop == "interrupt" and i + 1 < len(timesteps):
                 run.interrupted = True
-                run.log(f"[unet] interrupted after step {i + 1} of {len(timesteps)}")
+                run.log(f"[{stage}] interrupted after step {i + 1} of {len(timesteps)}")
                 break
         unet = bound = None  # a streamed run releases the session here (the closure holds them)
-        self._done(run, "unet")
-        self._timed(run, "unet", t0)
+        self._done(run, stage)
+        self._timed(run, stage, t0)
         if not np.isfinite(latents).all():
             raise SdcError("the denoising loop produced NaN/Inf latents (fp16 overflow?); try the "
                            "fp32 build or another scheduler")
@@ -538,21 +574,22 @@ class Engine:
         tile = plan.vae_tile if plan is not None else opts.vae_tile
         if tile is None:
             tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
+        stage = self.decoder
         if run.observe:
-            run.observe("vae_decoder", {"latent_sample": z})
+            run.observe(stage, {"latent_sample": z})
 
         def opener(graph, onnx_file=None, arena=True):
-            return self._session(run, "vae_decoder", graph, onnx_file, arena)
+            return self._session(run, stage, graph, onnx_file, arena)
 
-        pixels, run.providers["vae_decoder"], warnings = decode_latents(
-            self.folder, self.manifest["graphs"]["vae_decoder"], z, model["vae_scale_factor"],
+        pixels, run.providers[stage], warnings = decode_latents(
+            self.folder, stage, self.manifest["graphs"][stage], z, model["vae_scale_factor"],
             tile, self.provider, run.log, run.progress, opener=opener)
-        self._done(run, "vae_decoder")
-        if run.observe:  # the pixels are stacked for a caller's hook only, not on every run
-            run.observe("vae_encoder",
+        self._done(run, stage)
+        if run.observe and self.image_encoder:  # stacked for a caller's hook only
+            run.observe(self.image_encoder,
                         {"sample": np.clip(np.concatenate(pixels), -1, 1).astype(np.float32)})
         run.warnings += warnings
-        self._timed(run, "vae_decoder", t0)
+        self._timed(run, stage, t0)
         return pixels
 
 

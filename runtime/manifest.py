@@ -20,8 +20,8 @@ from .store import MANIFEST, check_relative, contained, file_entry, sha256_file 
 
 FORMAT = "sdc-artifacts"
 FORMAT_VERSION = 1
-# Stage order of a text-to-image run, written into every manifest as data.
-PIPELINE = ("text_encoder", "unet", "vae_decoder")
+# The first build layout with a `family` block (families/): what this runtime reads.
+FAMILY_LAYOUT = 6
 # A manifest is a few hundred kB even for full-size builds with chunks; refuse absurd ones unread.
 MAX_MANIFEST_BYTES = 64 * 2**20
 
@@ -85,7 +85,12 @@ def load_manifest(folder: Path) -> dict:
     if version > FORMAT_VERSION:
         raise SdcError(f"{path}: manifest format {version} is newer than this sdc reads "
                        f"({FORMAT_VERSION}); upgrade sdc or rebuild with this version")
+    if "family" not in manifest:
+        raise SdcError(f"{path}: built by an older sdc (build layout {manifest.get('layout', '?')}, "
+                       f"before model families); this sdc runs layout {FAMILY_LAYOUT} and later: "
+                       "rebuild it with `sdc build --force`")
     check_manifest(manifest, str(path))
+    _check_family(manifest, path)
     for rel in manifest["files"]:
         contained(folder, rel, "manifest files entry")
     needed = referenced_files(manifest)
@@ -162,3 +167,49 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     check_manifest(manifest, "sdc wrote a manifest that")  # a bug here must not ship a build
     path.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def _check_family(manifest: dict, path: Path) -> None:
+    """The `family` block names graphs the build has, in roles the runtime knows."""
+    from ..families.graph_spec import ROLES
+
+    fam = manifest["family"]
+    roles = fam["roles"]
+
+    def bad(what: str) -> SdcError:
+        return SdcError(f"{path}: malformed manifest: family.{what}; rebuild with "
+                        "`sdc build --force`")
+
+    for stage, role in roles.items():
+        if role not in ROLES:
+            raise bad(f"roles.{stage} is {role!r}, expected one of {', '.join(ROLES)}")
+        if stage not in manifest["graphs"]:
+            raise bad(f"roles names {stage!r}, which graphs does not have")
+    for stage in manifest["pipeline"]:
+        if stage not in roles:
+            raise bad(f"roles has no entry for pipeline stage {stage!r}")
+    for role in ("denoise", "decode"):
+        if sum(r == role for s, r in roles.items() if s in manifest["pipeline"]) > 1:
+            raise bad(f"roles gives {role!r} to more than one pipeline stage")
+    for enc in fam["text_encoders"]:
+        if roles.get(enc["stage"]) not in (None, "text"):
+            raise bad(f"text_encoders names {enc['stage']!r}, whose role is not text")
+        check_relative(enc["tokenizer"], "family.text_encoders.tokenizer", path)
+        if "/" in enc["tokenizer"] or enc["tokenizer"] in (".", ".."):
+            raise bad(f"text_encoders tokenizer {enc['tokenizer']!r} is not a folder name")
+    if fam["conditioning"] not in ("text", "text_time"):
+        raise bad(f"conditioning is {fam['conditioning']!r}, expected text or text_time")
+
+
+
+def stages_with(manifest: dict, role: str) -> list[str]:
+    """The build's stages doing `role` (families/graph_spec.py ROLES), in pipeline order."""
+    roles = manifest["family"]["roles"]
+    order = list(manifest["pipeline"]) + [s for s in roles if s not in manifest["pipeline"]]
+    return [s for s in order if roles.get(s) == role]
+
+
+def stage_with(manifest: dict, role: str) -> str | None:
+    """The build's one stage doing `role`, or None when it has none (an image encoder)."""
+    found = stages_with(manifest, role)
+    return found[0] if found else None

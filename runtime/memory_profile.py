@@ -71,31 +71,27 @@ class _Unit:
         free_memory()
 
 
-def _dims(model: dict):
-    from .specs import ModelDims
+def _feeds(job: dict, batch: int, lat: int, seq: int | None = None) -> dict:
+    """The stage's inputs at one shape, from its family's GraphSpec (torch-free)."""
+    from ..families import dims_of, family
 
-    return ModelDims(**{k: model[k] for k in ModelDims.__dataclass_fields__})
-
-
-def _feeds(stage: str, model: dict, batch: int, lat: int, seq: int | None = None) -> dict:
-    from .specs import GRAPH_SPECS
-
+    model = job["model"]
     f = model["vae_scale_factor"]
     case = {"batch": batch, "sequence": seq or model["max_sequence"], "latent_height": lat,
             "latent_width": lat, "height": lat * f, "width": lat * f}
-    return GRAPH_SPECS[stage].dummy_inputs(_dims(model), case)
+    return family(job["family"]).spec(job["stage"]).dummy_inputs(dims_of(model), case)
 
 
-def _whole(folder: Path, stage: str, graph: dict, model: dict, points: list[dict]) -> dict:
+def _whole(folder: Path, job: dict, points: list[dict]) -> dict:
     from .sessions import open_session
 
     out = []
     for pt in points:
         with _Unit() as u:
             t0 = time.perf_counter()
-            s = open_session(folder, stage, graph, "cpu")
+            s = open_session(folder, job["stage"], job["graph"], "cpu")
             load = time.perf_counter() - t0
-            feeds = _feeds(stage, model, pt["batch"], pt.get("lat", 1), pt.get("seq"))
+            feeds = _feeds(job, pt["batch"], pt.get("lat", 1), pt.get("seq"))
             t0 = time.perf_counter()
             s.session.run(None, feeds)
             run = time.perf_counter() - t0
@@ -104,23 +100,24 @@ def _whole(folder: Path, stage: str, graph: dict, model: dict, points: list[dict
     return {"points": out}
 
 
-def _chunks(folder: Path, graph: dict, model: dict, lats: list[int]) -> list[dict]:
+def _chunks(folder: Path, job: dict, lats: list[int]) -> list[dict]:
     """Each chunk as the runtime streams it: created, run, released in turn along the chain, its
     peak counted above the level before the chain (so the carried tensors are in it)."""
     from .sessions import free_memory, open_session
     from .unet_chunks import run_chunks
 
+    stage, graph = job["stage"], job["graph"]
     parts = graph["chunks"]["parts"]
     per_chunk = [{"points": []} for _ in parts]
     for lat in lats:
         with _Unit() as chain:
-            feeds = _feeds("unet", model, 1, lat)
+            feeds = _feeds(job, 1, lat)
 
             def run(part, f, lat=lat, chain=chain):
                 k = parts.index(part)
                 level = rss_bytes()
                 t0 = time.perf_counter()
-                s = open_session(folder, "unet", graph, "cpu", onnx_file=f"unet/{part['file']}",
+                s = open_session(folder, stage, graph, "cpu", onnx_file=f"{stage}/{part['file']}",
                                  prepack=False)
                 load = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -140,20 +137,20 @@ def _chunks(folder: Path, graph: dict, model: dict, lats: list[int]) -> list[dic
     return per_chunk
 
 
-def _tiled(folder: Path, graph: dict, model: dict) -> dict:
+def _tiled(folder: Path, job: dict) -> dict:
     from .sessions import open_session
     from .vae_segmented import decode_segmented
 
-    tiled = graph["tiled"]
+    tiled = job["graph"]["tiled"]
     out = []
-    for lat, tile in tile_points(model):
+    for lat, tile in tile_points(job["model"]):
         with _Unit() as u:
             t0 = time.perf_counter()
-            sessions = {s["name"]: open_session(folder, "vae_decoder", tiled, "cpu",
+            sessions = {s["name"]: open_session(folder, job["stage"], tiled, "cpu",
                                                 onnx_file=s["file"], arena=False)
                         for s in tiled["segments"]}
             load = time.perf_counter() - t0
-            z = _feeds("vae_decoder", model, 1, lat)["latent_sample"]
+            z = _feeds(job, 1, lat)["latent_sample"]
             t0 = time.perf_counter()
             decode_segmented(lambda n, f: sessions[n].session.run(None, f)[0], tiled["segments"],
                              z, tile)
@@ -165,7 +162,7 @@ def _tiled(folder: Path, graph: dict, model: dict) -> dict:
 
 
 def profile(job: dict) -> dict:
-    folder, stage, graph, model = Path(job["folder"]), job["stage"], job["graph"], job["model"]
+    folder, graph, model, role = Path(job["folder"]), job["graph"], job["model"], job["role"]
     import_runtime_libraries()
     from .sessions import free_memory
 
@@ -175,26 +172,28 @@ def profile(job: dict) -> dict:
     # Warm-up: a process's first session also sets up onnxruntime itself (environment, thread
     # pools, kernel registries), which stays resident afterwards. Measured here once and kept out
     # of the units, so each unit's numbers are its own; the planner adds it to every stage.
-    first = {"batch": 1, "lat": lats[0]} if stage != "text_encoder" else {"batch": 1}
-    _whole(folder, stage, graph, model, [first])
+    first = {"batch": 1, "lat": lats[0]} if role != "text" else {"batch": 1}
+    _whole(folder, job, [first])
     free_memory()
     result = {"baseline_bytes": level, "first_session_bytes": max(0, rss_bytes() - level),
               "units": {}}
-    if stage == "text_encoder":
+    if role == "text":
+        from .store import check_relative
         from .tokenizer import PromptTokenizer
 
         with _Unit() as u:  # what the run holds beside the graphs: the tokenizer
-            tok = PromptTokenizer(folder / "tokenizer", model["max_sequence"])
+            check_relative(job["tokenizer"], "the stage's tokenizer", folder)
+            tok = PromptTokenizer(folder / job["tokenizer"], model["max_sequence"])
             tok(["a photo of a cat", ""])
             result["runtime_held_bytes"] = u.result()["held"]
         points = [{"batch": b} for b in (1, 4)]
     else:
         points = [{"batch": 1, "lat": lat} for lat in lats]
-    result["units"]["whole"] = _whole(folder, stage, graph, model, points)
-    if stage == "unet" and graph.get("chunks"):
-        result["units"]["chunks"] = _chunks(folder, graph, model, lats)
-    if stage == "vae_decoder" and graph.get("tiled"):
-        result["units"]["tiled"] = _tiled(folder, graph, model)
+    result["units"]["whole"] = _whole(folder, job, points)
+    if role == "denoise" and graph.get("chunks"):
+        result["units"]["chunks"] = _chunks(folder, job, lats)
+    if role == "decode" and graph.get("tiled"):
+        result["units"]["tiled"] = _tiled(folder, job)
     return result
 
 

@@ -1,7 +1,7 @@
 """`sdc run` / `sdc.runtime.generate`: prompt -> images from a build, without torch.
 
-Stage order is the manifest's `pipeline` (text_encoder -> unet -> vae_decoder), one stage alive at
-a time: each stage's session is created, used and released (`del` + gc + malloc_trim) before the
+Stage order is the manifest's `pipeline` (its family's text encoders -> unet -> vae_decoder), one
+stage alive at a time: each stage's session is created, used and released (`del` + gc + malloc_trim) before the
 next, so the process holds one graph's weights at once (a chunked UNet under a budget: the chunks
 the plan keeps resident plus one streamed; runtime/planner.py decides). Every input, and the
 budget, is checked before anything is loaded.
@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import SdcError
-from .manifest import load_manifest
+from .manifest import load_manifest, stage_with
 from .png import a1111_parameters
 
 MAX_STEPS = 1000
@@ -263,11 +263,11 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
             raise SdcError(f"--strength {opts.strength}: with --steps {opts.steps} it leaves no "
                            f"denoising step (int({opts.steps} x {opts.strength}) = 0); expected "
                            f"--strength {least:g} or more for {opts.steps} steps, or more --steps")
-        if "vae_encoder" not in manifest["graphs"]:
+        if stage_with(manifest, "encode_image") is None:
             raise SdcError("--init-image: this build has no vae_encoder graph; rebuild with the "
                            "vae_encoder stage")
-    for stage in manifest["pipeline"]:
-        if stage not in manifest["graphs"]:
+    for stage in manifest["family"]["pipeline"]:
+        if stage not in manifest["graphs"] or stage not in manifest["family"]["roles"]:
             raise SdcError(f"this build lacks the {stage} graph; rebuild with every stage")
     return width, height, name
 

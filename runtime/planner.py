@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SdcError
+from .manifest import stage_with, stages_with
 from .memory import fmt_bytes
 
 # A 512² SD1.5 run streaming chunks peaked 9 % above its chunk's one-pass profile (it creates
@@ -214,31 +215,34 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
     g = prof["graphs"]
     fixed = prof["first_session_bytes"] + prof["runtime_held_bytes"]
     rows = 2 * batch if cfg else batch
-    te = _Unit(g["text_encoder"]["whole"])
-    unet_whole = _Unit(g["unet"]["whole"])
-    chunk_units = [_Unit(c) for c in g["unet"].get("chunks", [])]
-    dec_whole = _Unit(g["vae_decoder"]["whole"])
-    dec_tiled = (_Unit(g["vae_decoder"]["tiled"], _tiled, _tiled_time)
-                 if "tiled" in g["vae_decoder"] else None)
+    texts = stages_with(manifest, "text")
+    unet, decoder = stage_with(manifest, "denoise"), stage_with(manifest, "decode")
+    unet_whole = _Unit(g[unet]["whole"])
+    chunk_units = [_Unit(c) for c in g[unet].get("chunks", [])]
+    dec_whole = _Unit(g[decoder]["whole"])
+    dec_tiled = (_Unit(g[decoder]["tiled"], _tiled, _tiled_time)
+                 if "tiled" in g[decoder] else None)
     pixels = 3 * width * height * 4  # one decoded image held until the end
     latents = rows * model["latent_channels"] * lh * lw * 4 * 4  # latents, x, eps, scheduler state
 
-    def te_stage() -> StagePlan:
+    def te_stage(stage: str) -> StagePlan:
+        te = _Unit(g[stage]["whole"])
         p = {"batch": rows}
-        return StagePlan("text_encoder", "text_encoder", _est(te.peak(p) + fixed),
-                         te.load + te.run(p), _est(te.held(p)))
+        return StagePlan(stage, stage, _est(te.peak(p) + fixed), te.load + te.run(p),
+                         _est(te.held(p)))
 
     def enc_stage() -> StagePlan:
-        enc = _Unit(g["vae_encoder"]["whole"])
+        stage = stage_with(manifest, "encode_image")
+        enc = _Unit(g[stage]["whole"])
         p = {"batch": 1, "lat": lat}
-        return StagePlan("vae_encoder", "vae_encoder", _est(enc.peak(p) + fixed + latents),
+        return StagePlan(stage, stage, _est(enc.peak(p) + fixed + latents),
                          enc.load + enc.run(p), _est(enc.held(p)))
 
     def unet_stage(mode: str, resident: tuple, micro: int) -> StagePlan:
         p = {"batch": micro, "lat": lat}
         passes = math.ceil(rows / micro)
         if mode == "whole":
-            return StagePlan("unet", "unet (whole)", _est(unet_whole.peak(p) + fixed + latents),
+            return StagePlan(unet, f"{unet} (whole)", _est(unet_whole.peak(p) + fixed + latents),
                              unet_whole.load + steps * passes * unet_whole.run(p),
                              _est(unet_whole.held(p)))
         held = {k: chunk_units[k].held(p) for k in resident}
@@ -250,15 +254,15 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
                                            if k not in resident)
         holds = (f"chunks {', '.join(str(k + 1) for k in resident)} resident + one streamed"
                  if resident else "one chunk at a time")
-        return StagePlan("unet", holds, _est(peak + fixed + latents),
+        return StagePlan(unet, holds, _est(peak + fixed + latents),
                          sum(chunk_units[k].load for k in resident) + steps * passes * per_pass)
 
     def dec_stage(tile: int) -> StagePlan:
         p = {"batch": 1, "lat": lat, "tile": tile}
         unit = dec_tiled if tile else dec_whole
         peak = unit.peak(p) + fixed + pixels * batch
-        what = f"vae_decoder segments, {tile}-latent tiles" if tile else "vae_decoder (whole)"
-        return StagePlan("vae_decoder", what, _est(peak), unit.load + batch * unit.run(p),
+        what = f"{decoder} segments, {tile}-latent tiles" if tile else f"{decoder} (whole)"
+        return StagePlan(decoder, what, _est(peak), unit.load + batch * unit.run(p),
                          _est(unit.held(p)))
 
     unet_modes = [("whole", ())]
@@ -282,8 +286,8 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
         tiles = [32 if max(lh, lw) > 64 and dec_tiled else 0]
     else:
         tiles = [0] + ([t for t in TILES if t < max(lh, lw)] if dec_tiled else [])
-    attention = graphs["unet"].get("attention", "MatMul-Softmax-MatMul (older build)")
-    head = [te_stage()] + ([enc_stage()] if img2img else [])
+    attention = graphs[unet].get("attention", "MatMul-Softmax-MatMul (older build)")
+    head = [te_stage(s) for s in texts] + ([enc_stage()] if img2img else [])
     unet_plans = {(m, r, mi): unet_stage(m, r, mi) for (m, r), mi in itertools.product(unet_modes, micros)}
     dec_plans = {t: dec_stage(t) for t in tiles}
     plans = []

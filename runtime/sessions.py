@@ -52,21 +52,26 @@ class StageSession:
     keep: list = field(default_factory=list)
 
     def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1,
-            bound: dict | None = None) -> np.ndarray:
-        """The graph's first output. `bound` {slot initializer: OrtValue} overrides adapter slots
-        for this run (an IOBinding: the values are not copied on CPU, and on CUDA they were
-        copied to the device once, when the adapter was bound); empty: the base weights."""
+            bound: dict | None = None, outputs: list[str] | None = None):
+        """The graph's first output, or the list of `outputs` named. `bound` {slot initializer:
+        OrtValue} overrides adapter slots for this run (an IOBinding: the values are not copied
+        on CPU, and on CUDA they were copied to the device once, when the adapter was bound);
+        empty: the base weights."""
         check_feeds(self.stage, self.graph, feeds, latent_multiple)
+        names = outputs or [self.graph["outputs"][0]["name"]]
         if not bound:
-            return self.session.run(None, feeds)[0]
-        io = self.session.io_binding()
-        for name, value in bound.items():
-            io.bind_ortvalue_input(name, value)
-        for name, arr in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        io.bind_output(self.graph["outputs"][0]["name"])
-        self.session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+            got = self.session.run(names, feeds)
+        else:
+            io = self.session.io_binding()
+            for name, value in bound.items():
+                io.bind_ortvalue_input(name, value)
+            for name, arr in feeds.items():
+                io.bind_cpu_input(name, np.ascontiguousarray(arr))
+            for name in names:
+                io.bind_output(name)
+            self.session.run_with_iobinding(io)
+            got = io.copy_outputs_to_cpu()
+        return got if outputs else got[0]
 
     def slot_values(self, arrays: dict[str, np.ndarray]) -> dict:
         """OrtValues for `arrays` on this session's device, to pass as `run(bound=...)`."""

@@ -38,12 +38,10 @@ def run_chunks(run: Callable[[dict, dict], list], parts: list[dict], feeds: dict
 class ChunkedUNet:
     """Quacks like StageSession for the denoising loop (`run`, `provider`, `warnings`)."""
 
-    stage = "unet"
-
-    def __init__(self, folder: Path, graph: dict, provider: str, resident: tuple[int, ...] = (),
-                 initializers: dict | None = None, cuda_mem_limit: int | None = None,
-                 threads: int | None = None):
-        self.folder, self.graph, self.provider_choice = folder, graph, provider
+    def __init__(self, folder: Path, stage: str, graph: dict, provider: str,
+                 resident: tuple[int, ...] = (), initializers: dict | None = None,
+                 cuda_mem_limit: int | None = None, threads: int | None = None):
+        self.folder, self.stage, self.graph, self.provider_choice = folder, stage, graph, provider
         self.parts = graph["chunks"]["parts"]
         self.initializers = initializers or {}
         self.cuda_mem_limit = cuda_mem_limit
@@ -61,8 +59,8 @@ class ChunkedUNet:
         if self.initializers:  # swapped (LoRA) weights: hand each chunk only its own
             names = set(part["initializers"])
             mine = {n: a for n, a in self.initializers.items() if n in names} or None
-        return open_session(self.folder, "unet", self.graph, self.provider_choice,
-                            onnx_file=f"unet/{part['file']}", initializers=mine,
+        return open_session(self.folder, self.stage, self.graph, self.provider_choice,
+                            onnx_file=f"{self.stage}/{part['file']}", initializers=mine,
                             prepack=False, cuda_mem_limit=self.cuda_mem_limit,
                             threads=self.threads)
 
@@ -78,5 +76,5 @@ class ChunkedUNet:
             free_memory()
 
     def run(self, feeds: dict[str, np.ndarray], latent_multiple: int = 1) -> np.ndarray:
-        check_feeds("unet", self.graph, feeds, latent_multiple)
+        check_feeds(self.stage, self.graph, feeds, latent_multiple)
         return run_chunks(self._run_part, self.parts, feeds)

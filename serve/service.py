@@ -69,7 +69,7 @@ class Service:
                     break  # A1111's interrupt also ends the remaining iterations
 
                 def progress(stage, i, n, k=k):
-                    if stage == "unet":
+                    if stage == engine.unet:
                         job.steps = n * req.n_iter
                         job.step = k * n + i
 

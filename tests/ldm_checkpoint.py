@@ -5,6 +5,14 @@ reverse direction to make such a file from a tiny model. The mapping below is th
 (input_blocks/middle_block/output_blocks, first_stage_model encoder.down/decoder.up,
 cond_stage_model.transformer.text_model). `test_single_file.py` checks it by loading the result
 back with diffusers' own converter and comparing every tensor, so a mistake here cannot pass.
+
+SD2.x and SDXL (`write_sd2_single_file`, `write_sdxl_single_file`): the same UNet/VAE mapping (SGM
+keeps LDM's UNet names; SDXL adds label_emb.0.* for the text_time embedding), and text encoders in
+the layouts real files have: SD2's OpenCLIP ViT-H under cond_stage_model.model.* (fused qkv
+in_proj, one more resblock than diffusers keeps, text_projection, logit_scale); SDXL's CLIP-L under
+conditioner.embedders.0.transformer.text_model.* and OpenCLIP bigG under conditioner.embedders.1.
+model.* (text_projection stored [hidden, proj], i.e. transposed from transformers' Linear).
+`test_family_fixtures.py` reads them back with diffusers' converters, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ def unet_to_ldm(sd: dict, config: dict) -> dict:
         new = None
         if m := re.match(r"time_embedding\.linear_(\d)\.(.*)", key):
             new = f"time_embed.{0 if m[1] == '1' else 2}.{m[2]}"
+        elif m := re.match(r"add_embedding\.linear_(\d)\.(.*)", key):  # SDXL text_time (SGM)
+            new = f"label_emb.0.{0 if m[1] == '1' else 2}.{m[2]}"
         elif key.startswith("conv_in."):
             new = "input_blocks.0.0." + key.removeprefix("conv_in.")
         elif key.startswith("conv_norm_out."):
@@ -112,3 +122,106 @@ def write_single_file(folder: Path, out: Path) -> Path:
     else:
         torch.save({"state_dict": sd}, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SD2.x / SDXL
+
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+LOGIT_SCALE = 2.659260036932778  # OpenCLIP's init, log(1 / 0.07); real files carry the trained one
+
+
+def open_clip_to_ldm(sd: dict, prefix: str, extra_layers: int = 0, text_projection=None,
+                     seed: int = 0) -> dict:
+    """A transformers CLIP text state dict (CLIPTextModel's flat keys, or CLIPTextModelWithProjection's
+    text_model.* + text_projection.weight) in OpenCLIP's layout under `prefix`.
+
+    q/k/v become one in_proj [3h, h]; text_projection is stored [hidden, proj] (OpenCLIP computes
+    x @ P; transformers' Linear holds P.T), or taken from `text_projection` when the module has none
+    (SD2's CLIPTextModel). `extra_layers` appends that many resblocks of seeded random weights after
+    the last: real SD2 files hold 24 where diffusers keeps 23.
+    """
+    out, qkv = {}, {}
+    for key, v in sd.items():
+        k = key.removeprefix("text_model.")
+        if k == "embeddings.position_ids":
+            continue
+        if k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+        elif k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif k.startswith("final_layer_norm."):
+            out["ln_final." + k.removeprefix("final_layer_norm.")] = v
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = v
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])\.(.*)",
+                           k):
+            out[f"transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{m[3]}"] = v
+        else:
+            raise KeyError(f"unmapped text encoder key {key}")
+    for (n, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    if text_projection is not None:
+        out["text_projection"] = text_projection
+    n_layers = 1 + max(n for n, _ in qkv)
+    g = torch.Generator().manual_seed(seed)
+    layer0 = sorted(k for k in out if k.startswith("transformer.resblocks.0."))
+    for extra in range(n_layers, n_layers + extra_layers):
+        for k in layer0:
+            shape = out[k].shape
+            out[k.replace(".resblocks.0.", f".resblocks.{extra}.")] = torch.randn(shape, generator=g) * 0.02
+    out["logit_scale"] = torch.tensor(LOGIT_SCALE)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _read_folder(folder: Path, parts: tuple[str, ...]) -> tuple[dict, dict]:
+    cfg, weights = {}, {}
+    for part in parts:
+        cfg[part] = json.loads((folder / part / "config.json").read_text())
+        name = ("model.safetensors" if part.startswith("text_encoder")
+                else "diffusion_pytorch_model.safetensors")
+        weights[part] = load_file(folder / part / name)
+    return cfg, weights
+
+
+def _save_checkpoint(sd: dict, out: Path) -> Path:
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        save_file(sd, out)
+    else:
+        torch.save({"state_dict": sd}, out)
+    return out
+
+
+def write_sd2_single_file(folder: Path, out: Path) -> Path:
+    """A diffusers SD2.x folder as one LDM (Stability stablediffusion repo) checkpoint: UNet under
+    model.diffusion_model.* (linear proj_in/proj_out stay 2-D, as in real SD2 files), VAE under
+    first_stage_model.*, the text encoder as OpenCLIP under cond_stage_model.model.* with one extra
+    random resblock, a random text_projection [hidden, projection_dim] and logit_scale."""
+    folder = Path(folder)
+    cfg, w = _read_folder(folder, ("unet", "vae", "text_encoder"))
+    te = cfg["text_encoder"]
+    g = torch.Generator().manual_seed(1)
+    proj = torch.randn((te["hidden_size"], te["projection_dim"]), generator=g) * 0.02
+    sd = {**unet_to_ldm(w["unet"], cfg["unet"]), **vae_to_ldm(w["vae"], cfg["vae"]),
+          **open_clip_to_ldm(w["text_encoder"], "cond_stage_model.model.", extra_layers=1,
+                             text_projection=proj)}
+    return _save_checkpoint(sd, out)
+
+
+def write_sdxl_single_file(folder: Path, out: Path) -> Path:
+    """A diffusers SDXL folder as one SGM (generative-models / A1111) checkpoint: UNet under
+    model.diffusion_model.* (label_emb.0.* for the text_time embedding), VAE under
+    first_stage_model.*, CLIP-L under conditioner.embedders.0.transformer.text_model.*, OpenCLIP
+    bigG under conditioner.embedders.1.model.* (text_projection [hidden, proj], logit_scale)."""
+    folder = Path(folder)
+    cfg, w = _read_folder(folder, ("unet", "vae", "text_encoder", "text_encoder_2"))
+    te1 = {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+           for k, v in w["text_encoder"].items()}
+    sd = {**unet_to_ldm(w["unet"], cfg["unet"]), **vae_to_ldm(w["vae"], cfg["vae"]), **te1,
+          **open_clip_to_ldm(w["text_encoder_2"], "conditioner.embedders.1.model.")}
+    return _save_checkpoint(sd, out)

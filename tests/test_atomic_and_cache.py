@@ -124,7 +124,7 @@ def test_parity_failure_fails_the_build_and_keeps_the_old_one(tiny_folder, tmp_p
 
 def test_parity_gate_rejects_nan_and_wrong_shapes():
     from sdc.export.parity import compare
-    from sdc.runtime.specs import UNET
+    from sdc.families.sd1 import UNET
 
     ref = np.ones((1, 4, 2, 2), np.float32)
     assert compare(ref, ref.copy(), "fp32", UNET)["passed"]

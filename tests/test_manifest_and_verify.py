@@ -66,7 +66,7 @@ def test_newer_format_and_foreign_manifests_are_refused(copy_of, tmp_path):
 
 
 def test_runtime_side_never_imports_torch(build_fp32):
-    import sdc.runtime.specs  # noqa: F401 - the runtime may read specs; they must stay torch-free
+    import sdc.families  # noqa: F401 - the runtime reads the family specs; they must stay torch-free
     assert_cli_torch_free(["verify", build_fp32])
     assert_cli_torch_free(["inspect", build_fp32])
 

@@ -326,6 +326,6 @@ def test_chunks_and_tiles_of_a_quantized_build(chunked_tiny, tmp_path):
              "timestep": np.array([500.0, 20.0], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, 64)).astype(np.float32)}
     whole = open_session(out, "unet", unet, "cpu").run(feeds, 4)
-    chained = ChunkedUNet(out, unet, "cpu", ()).run(feeds, 4)
+    chained = ChunkedUNet(out, "unet", unet, "cpu", ()).run(feeds, 4)
     assert np.abs(chained - whole).max() <= 1e-4 * np.abs(whole).max()
     run_sdc("verify", out)

@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from sdc.runtime.specs import GRAPH_SPECS, UNET, VAE_DECODER, ModelDims
+from sdc.families import SD1, ModelDims
+from sdc.families.sd1 import UNET, VAE_DECODER
+
+GRAPH_SPECS = {s.stage: s for s in SD1.specs}
 from sdc.export.tiny_model import SD15_CONFIGS
 
 TOKENIZER = SD15_CONFIGS / "tokenizer"

@@ -1,16 +1,16 @@
-"""GraphSpec: the I/O contract of each exported graph, one per stage.
-
-Export, the parity gate, the manifest and (through the manifest) the runtime all read these; nobody
-else states a graph's names, shapes or dtypes. Shapes are symbolic: dynamic dims are named
+"""GraphSpec: the I/O contract of one exported graph. Each family (families/sd1.py, ...) declares
+one per stage; export, the parity gate, the manifest and (through the manifest) the runtime read
+them, and nobody else states a graph's names, shapes or dtypes. Shapes are symbolic: dynamic dims are named
 (`batch`, `sequence`, `latent_height`, ...) and model constants (`hidden_size`, `latent_channels`,
 `vae_scale_factor`) are resolved from the model's own config at build time, so one spec serves the
 tiny test model and full-size SD1.5 alike.
 
-I/O names follow Optimum's convention so tools that read Optimum's layout read ours:
+I/O names follow Optimum's convention so tools that read Optimum's layout read ours (SD1):
   text_encoder  input_ids -> last_hidden_state
   unet          sample, timestep, encoder_hidden_states -> out_sample
   vae_decoder   latent_sample -> sample
   vae_encoder   sample -> latent_parameters (mean and log-variance, concatenated on channels)
+Other families add their own (SDXL: hidden_states, text_embeds, time_ids).
 
 Graph boundaries are float32 (int64 for token ids) at every precision: an fp16 graph casts inside
 itself, so the numpy runtime's scheduler math never handles fp16 and one runtime serves both.
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# What a stage does in the pipeline; the runtime, planner and memory profiler dispatch on it.
+ROLES = ("text", "denoise", "decode", "encode_image")
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,15 @@ class ModelDims:
     vae_scale_factor: int  # pixels per latent (8 for SD1.x)
     unet_multiple: int  # latent sizes must be multiples of this (2 ** (UNet levels - 1))
     scaling_factor: float  # latents = vae.encode(x) * scaling_factor (0.18215 for SD1.x)
+    # Families with more than one text encoder or added UNet conditioning (SDXL); None elsewhere,
+    # and then absent from the manifest.
+    hidden_size_2: int | None = None  # the second text encoder's width (1280 for SDXL's bigG)
+    pooled_size: int | None = None  # its pooled projection (SDXL's text_embeds, 1280)
+    cross_attention_dim: int | None = None  # the UNet's context width when not hidden_size (2048)
+    time_ids: int | None = None  # SDXL's micro-conditioning: original size, crop, target size (6)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class TensorSpec:
 class GraphSpec:
     stage: str  # also the artifact folder, manifest key, runtime session name, log prefix
     component: str  # the diffusers component the graph is cut from
+    role: str  # ROLES: text | denoise | decode | encode_image
+    graph: str  # how export wraps the component (export/exporter.py GRAPH_MODULES)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     # Dynamic dims per input: {input name: {axis: dim name}}; read by the exporter.
@@ -129,7 +138,9 @@ class GraphSpec:
                 feeds[spec.name] = rng.integers(0, dims.vocab_size, size=shape, dtype=np.int64)
             elif spec.name == "timestep":
                 feeds[spec.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
-            elif spec.name == "sample" and self.stage == "vae_encoder":
+            elif spec.name == "time_ids":  # sizes and crop offsets in pixels
+                feeds[spec.name] = rng.uniform(0, 1024, size=shape).round().astype(np.float32)
+            elif spec.name == "sample" and self.role == "encode_image":
                 feeds[spec.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)  # pixels
             elif spec.name == "latent_sample":
                 # what the pipeline hands the decoder: unit-variance latents / scaling_factor
@@ -138,67 +149,3 @@ class GraphSpec:
             else:
                 feeds[spec.name] = rng.standard_normal(size=shape).astype(np.float32)
         return feeds
-
-
-TEXT_ENCODER = GraphSpec(
-    stage="text_encoder",
-    component="text_encoder",
-    inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64"),),
-    outputs=(TensorSpec("last_hidden_state", ("batch", "sequence", "hidden_size"), "float32"),),
-    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
-    adapter_slots=True,
-    description="CLIP text encoder: token ids -> per-token hidden states (UNet conditioning)",
-)
-
-UNET = GraphSpec(
-    stage="unet",
-    component="unet",
-    inputs=(
-        TensorSpec("sample", ("batch", "latent_channels", "latent_height", "latent_width"), "float32"),
-        TensorSpec("timestep", ("batch",), "float32"),
-        TensorSpec("encoder_hidden_states", ("batch", "sequence", "hidden_size"), "float32"),
-    ),
-    outputs=(
-        TensorSpec("out_sample", ("batch", "latent_channels", "latent_height", "latent_width"),
-                   "float32"),
-    ),
-    dynamic_axes={
-        "sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
-        "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch", 1: "sequence"},
-    },
-    fused_attention=True,
-    adapter_slots=True,
-    description="denoiser: noisy latents, timestep, text states -> predicted noise (or v)",
-)
-
-VAE_DECODER = GraphSpec(
-    stage="vae_decoder",
-    component="vae",
-    inputs=(
-        TensorSpec("latent_sample", ("batch", "latent_channels", "latent_height", "latent_width"),
-                   "float32"),
-    ),
-    outputs=(
-        TensorSpec("sample", ("batch", 3, "latent_height*vae_scale_factor",
-                              "latent_width*vae_scale_factor"), "float32"),
-    ),
-    dynamic_axes={"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"}},
-    fp16_policy="fp32",
-    description="VAE decoder (post_quant_conv + decoder): unscaled latents -> pixels in [-1, 1]",
-)
-
-VAE_ENCODER = GraphSpec(
-    stage="vae_encoder",
-    component="vae",
-    inputs=(TensorSpec("sample", ("batch", 3, "height", "width"), "float32"),),
-    outputs=(
-        TensorSpec("latent_parameters", ("batch", "latent_channels*2", "latent_height",
-                                         "latent_width"), "float32"),
-    ),
-    dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"}},
-    fp16_policy="fp32",
-    description="VAE encoder (encoder + quant_conv): pixels -> latent mean and log-variance",
-)
-
-GRAPH_SPECS: dict[str, GraphSpec] = {s.stage: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}

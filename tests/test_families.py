@@ -1,0 +1,217 @@
+"""SD2.x and SDXL end to end: tiny models of the real diffusers/transformers classes built by
+`sdc build`, run by `sdc run`, against diffusers' own pipelines given the same initial latents.
+
+The tolerance is the SD1 one (test_run.py's PIXEL_TOL, 2 levels of 255): the graphs pass the fp32
+parity gate (max_rel <= 1e-4) and the numpy schedulers match diffusers' to float rounding, so an
+image may differ from diffusers' by a rounding level at a few pixels, never more. A wrong
+conditioning (missing pooled text, wrong time ids, the last instead of the penultimate layer, the
+wrong pad token, v read as epsilon) moves pixels by tens of levels on these models.
+
+Single-file checkpoints (tests/ldm_checkpoint.py writes them in the layout real SD2 and SDXL files
+have; test_family_fixtures.py checks that writer against diffusers' own converters) build to the
+same graphs as the folder they came from: the images are identical.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_manifest, run_sdc
+from family_models import load_sd2_pipeline, load_sdxl_pipeline, make_sd2_folder, make_sdxl_folder
+from ldm_checkpoint import write_sd2_single_file, write_sdxl_single_file
+
+from sdc.runtime.pipeline import GenerateOptions, run_pipeline
+
+PIXEL_TOL = 2  # levels of 255, as for SD1 (test_run.py)
+W, H, STEPS, GUIDANCE = 96, 64, 4, 6.0
+PROMPT = "a red circle on a blue background!"  # "!" is SD2's and bigG's pad token
+
+
+@pytest.fixture(scope="module")
+def sd2_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2")
+    return {p: make_sd2_folder(root / p, prediction=p) for p in ("epsilon", "v_prediction")}
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
+
+
+def _build(model, out, *extra):
+    run_sdc("build", model, "--precision", "fp32", "--out", out, *extra)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd2_builds(sd2_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2-builds")
+    return {p: _build(f, root / p) for p, f in sd2_folders.items()}
+
+
+@pytest.fixture(scope="module")
+def sdxl_build(sdxl_folder, tmp_path_factory):
+    return _build(sdxl_folder, tmp_path_factory.mktemp("sdxl-build") / "fp32")
+
+
+def _latents(seed=5, batch=2):
+    return np.random.default_rng(seed).standard_normal((batch, 4, H // 8, W // 8)).astype(np.float32)
+
+
+def _assert_matches(ours, ref, what):
+    ref = (ref * 255).round().astype(np.int16)
+    for img, r in zip(ours.images, ref):
+        diff = np.abs(np.asarray(img, np.int16) - r)
+        assert img.size == (W, H)
+        assert diff.max() <= PIXEL_TOL, (what, diff.max(), diff.mean())
+    assert ref.std() > 10  # the images are not flat: the comparison has something to compare
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sd2_matches_diffusers(sd2_folders, sd2_builds, prediction):
+    m = read_manifest(sd2_builds[prediction])
+    assert m["base_model"]["family"] == "sd2" and m["family"]["name"] == "sd2"
+    assert m["model"]["prediction_type"] == prediction
+    assert m["model"]["default_size"] == (96 if prediction == "v_prediction" else 64)
+    latents = _latents()
+    ours = run_pipeline(GenerateOptions(
+        prompt=PROMPT, negative="blurry", artifacts=sd2_builds[prediction], steps=STEPS,
+        guidance=GUIDANCE, width=W, height=H, batch=2, latents=latents, provider="cpu"))
+    assert ours.scheduler == ("ddim" if prediction == "v_prediction" else "pndm")
+    with torch.no_grad():
+        ref = load_sd2_pipeline(sd2_folders[prediction])(
+            PROMPT, negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+            width=W, height=H, num_images_per_prompt=2, latents=torch.from_numpy(latents),
+            output_type="np").images
+    _assert_matches(ours, ref, prediction)
+
+
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_sdxl_matches_diffusers(sdxl_folder, sdxl_build, negative):
+    """Both text encoders (penultimate states, bigG's pooled text_embeds), the size/crop time ids,
+    and diffusers' zeroed conditioning for an absent negative prompt
+    (force_zeros_for_empty_prompt)."""
+    latents = _latents()
+    ours = run_pipeline(GenerateOptions(
+        prompt=PROMPT, negative=negative, artifacts=sdxl_build, steps=STEPS, guidance=GUIDANCE,
+        width=W, height=H, batch=2, latents=latents, provider="cpu"))
+    assert ours.scheduler == "euler"
+    assert set(ours.timings) >= {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    with torch.no_grad():
+        ref = load_sdxl_pipeline(sdxl_folder)(
+            PROMPT, negative_prompt=negative or None, num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE, width=W, height=H, num_images_per_prompt=2,
+            latents=torch.from_numpy(latents), output_type="np").images
+    _assert_matches(ours, ref, negative)
+
+
+def test_sdxl_manifest_describes_the_family(sdxl_build):
+    m = read_manifest(sdxl_build)
+    fam = m["family"]
+    assert fam["name"] == "sdxl" and fam["conditioning"] == "text_time"
+    assert fam["zero_empty_negative"] is True
+    assert [e["stage"] for e in fam["text_encoders"]] == ["text_encoder", "text_encoder_2"]
+    assert fam["text_encoders"][1]["pooled"] == "text_embeds"
+    assert m["pipeline"] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    assert [t["name"] for t in m["graphs"]["unet"]["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    unet_ctx = m["graphs"]["unet"]["inputs"][2]["shape"][-1]
+    te = [m["graphs"][s]["outputs"][0]["shape"][-1] for s in ("text_encoder", "text_encoder_2")]
+    assert unet_ctx == sum(te) == 80  # 32 + 48: both encoders' states side by side
+    assert m["model"]["scaling_factor"] == pytest.approx(0.13025)
+    # every graph was gated; the fp32 VAE
+    assert all(g["parity"]["passed"] for g in m["graphs"].values())
+    # each tokenizer travels with the build; the second pads with "!"
+    tok2 = json.loads((sdxl_build / "tokenizer_2" / "tokenizer_config.json").read_text())
+    assert tok2["pad_token"] == "!"
+    assert "tokenizer_2/tokenizer.json" in m["tokenizer"]["files"]
+    # the planner plans both encoders, one at a time
+    proc = run_sdc("run", "-a", sdxl_build, "a cat", "--plan", "--width", "64", "--height", "64")
+    assert "text_encoder_2" in proc.stdout, proc.stdout
+
+
+def test_sdxl_cli_run_and_img2img(sdxl_build, tmp_path):
+    out = tmp_path / "cat.png"
+    run_sdc("run", "-a", sdxl_build, "a cat", "--steps", "2", "--width", "64", "--height", "64",
+            "--seed", "3", "--out", out)
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
+        params = img.text.get("parameters", "")
+    assert "a cat" in params and "Steps: 2" in params
+    out2 = tmp_path / "cat2.png"
+    run_sdc("run", "-a", sdxl_build, "a dog", "--init-image", out, "--strength", "0.6",
+            "--steps", "3", "--seed", "3", "--out", out2)
+    assert out2.is_file()
+
+
+def test_sd2_single_file_loads_the_folder_weights(sd2_folders, tmp_path):
+    """An SD2 checkpoint (OpenCLIP text encoder with a 24th layer diffusers drops) is detected as
+    sd2 and converted by diffusers' converters to exactly the folder's modules."""
+    from sdc.export.sources import resolve_model
+
+    folder = sd2_folders["v_prediction"]
+    ckpt = write_sd2_single_file(folder, tmp_path / "sd2v.safetensors")
+    source = resolve_model(str(ckpt), str(folder))
+    assert (source.kind, source.family) == ("single_file", "sd2")
+    for component in ("text_encoder", "unet", "vae"):
+        from_file = source.load(component).state_dict()
+        from_folder = resolve_model(str(folder)).load(component).state_dict()
+        assert from_file.keys() == from_folder.keys(), component
+        for k, v in from_folder.items():
+            assert torch.equal(from_file[k], v), (component, k)
+    source.close()
+
+
+def test_sdxl_single_file_builds_the_same_images(sdxl_folder, sdxl_build, tmp_path):
+    ckpt = write_sdxl_single_file(sdxl_folder, tmp_path / "xl.safetensors")
+    out = _build(ckpt, tmp_path / "from-file", "--config", sdxl_folder,
+                 "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
+    m = read_manifest(out)
+    assert (m["base_model"]["kind"], m["base_model"]["family"]) == ("single_file", "sdxl")
+    opts = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
+                latents=_latents(batch=1), provider="cpu")
+    a = run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts)).images[0]
+    b = run_pipeline(GenerateOptions(artifacts=out, **opts)).images[0]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_family_refusals(sdxl_folder, sd2_folders, tmp_path):
+
+    # a shipped config set of another family
+    ckpt = write_sdxl_single_file(sdxl_folder, tmp_path / "xl.safetensors")
+    proc = run_sdc("build", ckpt, "--config", "sd21", "--out", tmp_path / "o", check=False)
+    assert proc.returncode != 0 and "SD2.x configs" in proc.stderr and "SDXL" in proc.stderr
+    # an SDXL refiner folder (text_encoder_2 only)
+    import shutil
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(sdxl_folder, refiner)
+    shutil.rmtree(refiner / "text_encoder")
+    proc = run_sdc("build", refiner, "--out", tmp_path / "o2", check=False)
+    assert proc.returncode != 0 and "refiner" in proc.stderr and "Traceback" not in proc.stderr
+    # a stage another family has
+    proc = run_sdc("build", sd2_folders["epsilon"], "--stages", "text_encoder_2", "--out",
+                   tmp_path / "o3", check=False)
+    assert proc.returncode != 0 and "text_encoder_2" in proc.stderr and "SD2.x" in proc.stderr
+
+
+def test_older_layout_is_told_to_rebuild(sd2_builds, tmp_path):
+    import shutil
+
+    from sdc.errors import SdcError
+    from sdc.runtime.manifest import load_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(sd2_builds["epsilon"], old)
+    m = read_manifest(old)
+    del m["family"]
+    m["layout"] = 5
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SdcError, match=r"older sdc \(build layout 5.*rebuild"):
+        load_manifest(old)
