@@ -180,10 +180,13 @@ _INT, _FLOAT = _Number(int), _Number(float)
                    "and exit without running.")
 @click.option("--cfg-split/--no-cfg-split", default=None,
               help="Run the CFG halves as separate UNet passes [default: the planner decides].")
+@click.option("--stage-provider", "stage_providers", default=None, metavar="STAGE=P,...",
+              help="Per-stage providers over --provider, e.g. vae_decoder=cpu: the VAE in host "
+                   "memory, outside --vram-budget (the planner reports its peak apart).")
 @click.pass_obj
 def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
         provider, latents, init_image, strength, vae_tile, out, no_verify, threads, lora_dir, loras,
-        quiet, vram_budget, plan_only, cfg_split) -> None:
+        quiet, vram_budget, plan_only, cfg_split, stage_providers) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
     from ..runtime.memory import fmt_bytes
     from ..runtime.outputs import SaveInterrupted, check_out, output_paths, save_images
@@ -194,7 +197,8 @@ def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, 
                            scheduler=scheduler, batch=batch, provider=provider, latents=latents,
                            init_image=init_image, strength=strength, verify=not no_verify,
                            vae_tile=vae_tile, loras=loras, lora_dir=lora_dir,
-                           vram_budget=vram_budget, cfg_split=cfg_split, threads=threads)
+                           vram_budget=vram_budget, cfg_split=cfg_split, threads=threads,
+                           stage_providers=stage_providers)
     if plan_only:
         plan, _, _ = plan_run(opts)
         if plan is None:

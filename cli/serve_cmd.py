@@ -39,6 +39,9 @@ def add_commands(cli: click.Group, number_types) -> None:
     @click.option("--threads", type=_INT, default=None,
                   help="onnxruntime threads per session [default: all cores; --ray: "
                        "--replica-cpus].")
+    @click.option("--stage-provider", "stage_providers", default=None, metavar="STAGE=P,...",
+                  help="Per-stage providers over --provider, e.g. vae_decoder=cpu (the VAE in "
+                       "host memory, outside --vram-budget).")
     @click.option("--ray", "use_ray", is_flag=True,
                   help="Deploy on Ray Serve: an ingress + engine replicas (pip install 'sdc[ray]').")
     @click.option("--replicas", type=_INT, default=1, show_default=True,
@@ -58,7 +61,8 @@ def add_commands(cli: click.Group, number_types) -> None:
     @click.option("--no-multiplex", is_flag=True,
                   help="--ray: route requests to any replica, not by adapter set.")
     def serve(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget, lora_cache,
-              provider, model, max_steps, max_size, max_images, max_body, threads, use_ray,
+              provider, model, max_steps, max_size, max_images, max_body, threads, stage_providers,
+              use_ray,
               replicas,
               autoscale, ray_address, target_ongoing, upscale_delay, downscale_delay,
               replica_cpus, replica_gpus, no_multiplex) -> None:
@@ -72,7 +76,7 @@ def add_commands(cli: click.Group, number_types) -> None:
         cfg = ServeConfig(artifacts, lora_dir, host, port, api_auth, max_queue, vram_budget,
                           lora_cache, provider, model, parse_size(max_body),
                           Limits(max_steps=max_steps, max_side=max_size, max_images=max_images),
-                          threads)
+                          threads, stage_providers)
         check_config(cfg)  # unsafe or impossible settings fail before any build is read
         if use_ray:
             from ..errors import SdcError

@@ -70,6 +70,7 @@ class Job:
     init: np.ndarray | None
     latents: np.ndarray | None  # given initial noise, checked against the request's shape
     specs: list  # fusion.fuse.LoraSpec, from --lora and <lora:...> tags
+    placement: dict = field(default_factory=dict)  # {stage: provider} over the Engine's provider
 
 
 @dataclass
@@ -109,7 +110,9 @@ class Engine:
     def __init__(self, artifacts: Path | str | None = None, *, provider: str = "auto",
                  keep_sessions: bool = False, vram_budget: int | str | None = None,
                  lora_cache: int | str = DEFAULT_LORA_CACHE, lora_dir: Path | str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, stage_providers: str | dict | None = None):
+        from .placement import parse_stage_providers
+
         from .memory import parse_size
         from .sessions import PROVIDERS
 
@@ -127,6 +130,8 @@ class Engine:
         self.adapters = AdapterCache(limit)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.threads = threads  # onnxruntime intra-op threads per session; None: its default
+        # {stage: provider} over `provider` (--stage-provider vae_decoder=cpu)
+        self.stage_providers = parse_stage_providers(stage_providers, self.manifest["graphs"])
         self.stats = EngineStats()
         self._sessions: dict[tuple, tuple] = {}  # (stage, onnx file) -> (variant, StageSession)
         self._bound: dict[str, tuple] = {}  # stage -> (adapter key, {slot: OrtValue})
@@ -188,6 +193,10 @@ class Engine:
             raise AssertionError("GenerateOptions.artifacts names another build than the Engine's")
         if opts.vram_budget is None and self.vram_budget is not None:
             opts = replace(opts, vram_budget=self.vram_budget)
+        if opts.stage_providers is None and self.stage_providers:
+            opts = replace(opts, stage_providers=self.stage_providers)
+        if opts.provider != self.provider:
+            opts = replace(opts, provider=self.provider)  # the Engine's sessions decide
         opts = with_model_defaults(opts, self.manifest)
         width, height, sched_name = _validate(opts, self.manifest)
         text, tags = split_prompt(opts.prompt)
@@ -212,7 +221,10 @@ class Engine:
         f = model["vae_scale_factor"]
         shape = (opts.batch, model["latent_channels"], height // f, width // f)
         given = _load_latents(opts.latents, shape) if opts.latents is not None else None
-        return Job(opts, text, width, height, sched_name, plan, init, given, specs)
+        from .placement import parse_stage_providers
+
+        placement = parse_stage_providers(opts.stage_providers, self.manifest["graphs"])
+        return Job(opts, text, width, height, sched_name, plan, init, given, specs, placement)
 
     def generate(self, opts: GenerateOptions, log=None, progress=None, observe=None,
                  should_stop=None) -> GenerateResult:
@@ -234,7 +246,8 @@ class Engine:
         from .sessions import free_memory, resolve_providers
 
         opts, plan = job.opts, job.plan
-        resolve_providers(self.provider)  # an unavailable provider fails before any work
+        for provider in {self.provider, *job.placement.values()}:
+            resolve_providers(provider)  # an unavailable provider fails before any work
         keep = self.keep_sessions and plan is not None and plan.resident_peak is not None and (
             plan.budget is None or plan.resident_peak <= plan.budget)
         if not keep:
@@ -324,7 +337,8 @@ class Engine:
             run.log(f"[lora] {stage}: {len(swaps)} adapter weights are outside the build's "
                     "adapter slots; creating a session with them")
         budget = run.job.plan.budget if run.job.plan is not None else None
-        session = open_session(self.folder, stage, graph, self.provider, onnx_file=onnx_file,
+        session = open_session(self.folder, stage, graph, self._provider(run, stage),
+                               onnx_file=onnx_file,
                                arena=arena, initializers=swaps, prepack=prepack,
                                cuda_mem_limit=budget, threads=self.threads)
         self.stats.sessions_created += 1
@@ -332,6 +346,9 @@ class Engine:
         if run.keep:
             self._sessions[k] = (variant, session)
         return session
+
+    def _provider(self, run: _Run, stage: str) -> str:
+        return run.job.placement.get(stage, self.provider)
 
     def _bound_slots(self, run: _Run, stage: str, session) -> dict | None:
         """{slot: OrtValue} to bind for this run's adapters (None: the base weights). A resident
@@ -504,7 +521,7 @@ class Engine:
         if plan is not None and plan.unet == "chunks":  # streamed: weights go in at creation
             fused = {**run.adapters.slots.get(stage, {}), **run.adapters.swaps.get(stage, {})} \
                 if run.adapters else None
-            unet = ChunkedUNet(self.folder, stage, graph, self.provider, plan.resident,
+            unet = ChunkedUNet(self.folder, stage, graph, self._provider(run, stage), plan.resident,
                                initializers=fused or None, cuda_mem_limit=plan.budget,
                                threads=self.threads)
             self.stats.sessions_created += len(plan.resident) or 1
@@ -583,7 +600,7 @@ class Engine:
 
         pixels, run.providers[stage], warnings = decode_latents(
             self.folder, stage, self.manifest["graphs"][stage], z, model["vae_scale_factor"],
-            tile, self.provider, run.log, run.progress, opener=opener)
+            tile, self._provider(run, stage), run.log, run.progress, opener=opener)
         self._done(run, stage)
         if run.observe and self.image_encoder:  # stacked for a caller's hook only
             run.observe(self.image_encoder,

@@ -73,6 +73,9 @@ class GenerateOptions:
     # can differ by one level between thread counts (reductions split differently), so a run
     # reproduces another's image bit for bit at the same count
     threads: int | None = None
+    # per-stage execution providers over `provider` ("vae_decoder=cpu" or {stage: provider}):
+    # stages on the CPU beside a CUDA run are held to host memory, not the budget (placement.py)
+    stage_providers: str | dict | None = None
 
 
 @dataclass
@@ -320,7 +323,7 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
         budget = check_budget(budget)
     kw = dict(batch=opts.batch, cfg=opts.guidance > 1.0, width=width, height=height,
               steps=opts.steps, vae_tile=opts.vae_tile, cfg_split=opts.cfg_split,
-              img2img=opts.init_image is not None)
+              img2img=opts.init_image is not None, host=frozenset(_host_stages(opts, manifest)))
     plan = make_plan(manifest, budget=budget, **kw)
     # A plan above the machine's memory cannot run: refuse it now, before anything is allocated
     # (65536² would otherwise die in an allocation minutes in, or take the machine into swap).
@@ -343,6 +346,18 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
     return plan
 
 
+def _host_stages(opts: GenerateOptions, manifest: dict) -> set[str]:
+    from .placement import host_stages, parse_stage_providers
+
+    placed = parse_stage_providers(opts.stage_providers, manifest["graphs"])
+    if not placed:
+        return set()
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return host_stages(opts.provider, placed, cuda)
+
+
 def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None,
                  observe: Callable[[str, dict], None] | None = None) -> GenerateResult:
@@ -351,7 +366,7 @@ def run_pipeline(opts: GenerateOptions, log: Callable[[str], None] | None = None
     from .engine import Engine
 
     engine = Engine(opts.artifacts, provider=opts.provider, lora_dir=opts.lora_dir,
-                    threads=opts.threads)
+                    threads=opts.threads, stage_providers=opts.stage_providers)
     try:
         job = engine.prepare(opts)
         engine.verify(hashes=opts.verify)

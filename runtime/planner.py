@@ -49,6 +49,7 @@ class StagePlan:
     peak: int  # estimated bytes above the baseline
     seconds: float
     held: int = 0  # estimated bytes its session keeps between runs (weights, arena); 0: not kept
+    host: bool = False  # on the CPU provider while the run's others use the device (--stage-provider)
 
 
 @dataclass
@@ -66,7 +67,14 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return max(s.peak for s in self.stages)
+        """The peak the budget bounds: the stages on the run's device (all of them on CPU)."""
+        return max((s.peak for s in self.stages if not s.host), default=0)
+
+    @property
+    def host_peak(self) -> int | None:
+        """Host memory of the stages placed on the CPU beside a device run (None: none are)."""
+        host = [s.peak for s in self.stages if s.host]
+        return max(host) if host else None
 
     @property
     def seconds(self) -> float:
@@ -77,9 +85,10 @@ class Plan:
         """The peak when every stage's session stays loaded across requests (a warm server):
         each stage's own peak plus what the others hold. None when a stage cannot stay resident
         (a streamed, chunked UNet)."""
-        if any(not s.held for s in self.stages):
+        device = [s for s in self.stages if not s.host]
+        if any(not s.held for s in device):
             return None
-        return max(s.peak + sum(o.held for o in self.stages if o is not s) for s in self.stages)
+        return max(s.peak + sum(o.held for o in device if o is not s) for s in device)
 
     @property
     def cfg_split(self) -> bool:
@@ -99,9 +108,13 @@ class Plan:
             + (" latents (exact segments)" if self.vae_tile else ""),
         ]
         lines += [f"{s.stage:<13} holds {s.holds}: peak {fmt_bytes(s.peak)}, ~{s.seconds:.1f} s"
+                  + (" (host memory: on the CPU, outside the budget)" if s.host else "")
                   for s in self.stages]
         lines.append(f"total       peak {fmt_bytes(self.peak)} above baseline, ~{self.seconds:.0f} s "
                      "(estimates from the build's measured profile)")
+        if self.host_peak is not None:
+            lines.append(f"host        peak {fmt_bytes(self.host_peak)} for the stages on the CPU "
+                         "(counted apart from the device budget)")
         if self.resident_peak is not None:
             lines.append(f"resident    every session kept across requests (sdc serve): peak "
                          f"{fmt_bytes(self.resident_peak)}")
@@ -157,7 +170,7 @@ def _est(x: float) -> int:
 
 def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
               budget: int | None = None, vae_tile: int | None = None, cfg_split: bool | None = None,
-              img2img: bool = False) -> Plan | None:
+              img2img: bool = False, host: frozenset = frozenset()) -> Plan | None:
     """The fastest plan whose estimated peak fits `budget` (None: the fastest plan). `vae_tile`
     and `cfg_split` given by the user are kept as they are. Raises SdcError, naming the smallest
     budget that would fit, when none does; None for a build without a memory profile."""
@@ -169,7 +182,7 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
     try:
         plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
                                 steps=steps, budget=budget, vae_tile=vae_tile,
-                                cfg_split=cfg_split, img2img=img2img)
+                                cfg_split=cfg_split, img2img=img2img, host=host)
     except SdcError:  # no peaks measured (not Linux): nothing to plan, nothing asked
         if budget is not None:
             raise
@@ -204,8 +217,11 @@ def _exact(n: int) -> str:
 
 def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
                     budget: int | None = None, vae_tile: int | None = None,
-                    cfg_split: bool | None = None, img2img: bool = False) -> list[Plan]:
-    """Every plan the build allows for this run (with no budget: only the fastest settings)."""
+                    cfg_split: bool | None = None, img2img: bool = False,
+                    host: frozenset = frozenset()) -> list[Plan]:
+    """Every plan the build allows for this run (with no budget: only the fastest settings).
+    `host`: stages placed on the CPU beside a device run; their peaks are not held to the budget
+    (they are in host memory) and are reported apart."""
     prof = manifest["memory_profile"]
     graphs = manifest["graphs"]
     model = manifest["model"]
@@ -295,5 +311,7 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
         plan = Plan(budget, mode, resident, len(chunk_units), micro, rows, tile, attention,
                     head + [unet_plans[(mode, resident, micro)], dec_plans[tile]],
                     prof["baseline_bytes"])
+        for s in plan.stages:
+            s.host = s.stage in host
         plans.append(plan)
     return plans

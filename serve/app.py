@@ -54,6 +54,7 @@ class ServeConfig:
     max_body: int = MAX_BODY
     limits: a1111.Limits = field(default_factory=a1111.Limits)
     threads: int | None = None  # onnxruntime threads per session (None: all cores)
+    stage_providers: str | None = None  # "vae_decoder=cpu": per-stage providers over `provider`
 
 
 def check_config(cfg: ServeConfig) -> None:

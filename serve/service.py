@@ -36,7 +36,8 @@ class Service:
                                              "vram_budget": cfg.vram_budget,
                                              "lora_cache": cfg.lora_cache,
                                              "lora_dir": cfg.lora_dir,
-                                             "threads": cfg.threads}, cfg.model)
+                                             "threads": cfg.threads,
+                                             "stage_providers": cfg.stage_providers}, cfg.model)
         self.models.load()  # verified (every sha256) before the server answers /health
         self.jobs = JobQueue(cfg.max_queue)
         self.metrics = Metrics(self.jobs, self.models)
