@@ -55,7 +55,9 @@ def sd2_builds(sd2_folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_build(sdxl_folder, tmp_path_factory):
-    return _build(sdxl_folder, tmp_path_factory.mktemp("sdxl-build") / "fp32")
+    # with UNet chunks, so the planner's streamed plans are exercised on SDXL's five-input UNet
+    return _build(sdxl_folder, tmp_path_factory.mktemp("sdxl-build") / "fp32", "--unet-chunks",
+                  "3")
 
 
 def _latents(seed=5, batch=2):
@@ -132,6 +134,25 @@ def test_sdxl_manifest_describes_the_family(sdxl_build):
     # the planner plans both encoders, one at a time
     proc = run_sdc("run", "-a", sdxl_build, "a cat", "--plan", "--width", "64", "--height", "64")
     assert "text_encoder_2" in proc.stdout, proc.stdout
+
+
+def test_sdxl_streams_chunks_under_a_budget(sdxl_build):
+    """The smallest plan streams the UNet's chunks (the pooled text and time ids are carried
+    through the chain) and draws what the whole graph draws."""
+    from sdc.runtime.planner import candidate_plans
+
+    m = read_manifest(sdxl_build)
+    assert m["graphs"]["unet"]["chunks"]["parity"]["passed"]
+    smallest = min(candidate_plans(m, batch=1, cfg=True, width=W, height=H, steps=2, budget=1),
+                   key=lambda p: p.peak)
+    assert smallest.unet == "chunks"
+    kw = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
+              latents=_latents(batch=1), provider="cpu", artifacts=sdxl_build)
+    whole = run_pipeline(GenerateOptions(**kw))
+    streamed = run_pipeline(GenerateOptions(**kw, vram_budget=smallest.peak))
+    assert whole.plan.unet == "whole" and streamed.plan.unet == "chunks"
+    a, b = (np.asarray(r.images[0], np.int16) for r in (whole, streamed))
+    assert np.abs(a - b).max() <= 1  # chunk parity is ~1e-6 relative: at most one level
 
 
 def test_sdxl_cli_run_and_img2img(sdxl_build, tmp_path):
