@@ -286,7 +286,7 @@ def _graph_outputs(folder: Path, manifest: dict, plan: _Plan, provider: str):
         feeds = {k: v.astype(dtypes.get(k, v.dtype))
                  for k, v in fixed_inputs(ref_graphs[stage], plan, i).items()}
         sess = open_session(folder, stage, graph, provider)
-        multiple = manifest["model"]["unet_multiple"] if stage == "unet" else 1
+        multiple = graph.get("latent_multiple", 1)
         y = sess.run(feeds, multiple).astype(np.float32)
         out[stage] = {"output": y, "load_seconds": sess.load_seconds, "provider": sess.provider}
         del sess  # one graph at a time: the next one's weights take its place

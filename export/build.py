@@ -364,7 +364,7 @@ def _copy_tokenizers(source, tmp: Path, embeddings: list | None = None) -> None:
         if embeddings:
             from ..fusion.torch_apply import add_tokens
 
-            add_tokens(tok, embeddings)
+            add_tokens(tok, embeddings, encoder.stage)
 
 
 def _copy_scheduler(source, tmp: Path) -> dict:
@@ -417,8 +417,11 @@ def _read_embeddings(source, opts: BuildOptions) -> list[dict]:
         return []
     from ..fusion.torch_apply import plan_embeddings
 
-    return plan_embeddings(source.tokenizer_dir(), opts.embeddings,
-                           source.configs()["text_encoder"]["hidden_size"])
+    family, configs = source.spec, source.configs()
+    return plan_embeddings({e.stage: source.tokenizer_dir(e.tokenizer)
+                            for e in family.text_encoders}, opts.embeddings,
+                           {e.stage: configs[e.stage]["hidden_size"] for e in family.text_encoders},
+                           family=family)
 
 
 def _read_adapters(source, opts: BuildOptions, log) -> list:
@@ -428,7 +431,7 @@ def _read_adapters(source, opts: BuildOptions, log) -> list:
     from ..fusion.lora import read_lora
     from ..fusion.torch_apply import known_from_configs
 
-    known = known_from_configs(source.configs())
+    known = known_from_configs(source.configs(), source.spec)
     adapters = [(read_lora(spec.path, known), spec) for spec in opts.loras]
     for lora, spec in adapters:
         comps = sorted({layer.component for layer in lora.layers})

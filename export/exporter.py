@@ -186,7 +186,10 @@ def _weight_map(spec: GraphSpec, graph: torch.nn.Module, inits: set[str]) -> dic
             mapping[key] = name
         else:
             dropped.append(key)  # e.g. the VAE encoder's graph has no decoder weights
-    return {"map": mapping, "count": len(mapping), "not_in_graph": len(dropped)}
+    out = {"map": mapping, "count": len(mapping), "not_in_graph": len(dropped)}
+    if spec.adapter_slots:  # e.g. the last CLIP layer, under SDXL's penultimate-layer output:
+        out["unused"] = sorted(dropped)  # LoRA keys for these are accepted and change nothing
+    return out
 
 
 def numpy_dtype(elem_type: int) -> str:

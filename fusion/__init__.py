@@ -1,4 +1,3 @@
-"""LoRA and textual-inversion fusion into base weights (fp32 math, every key matched).
-
-Not built yet: the fusion issue owns this package. `sdc build --lora` is refused until it lands.
-"""
+"""LoRA and textual-inversion fusion into base weights (fp32 math, every key matched), for every
+model family sdc builds (SD1.x, SD2.x, SDXL; which components and key prefixes a family's LoRAs
+and embeddings use is sdc.families')."""

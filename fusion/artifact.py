@@ -17,9 +17,32 @@ import numpy as np
 
 from ..errors import SdcError
 from .fuse import Applied, LoraSpec, fuse_param, plan, report
-from .lora import COMPONENTS, read_lora
+from .lora import Known, read_lora
 
-STAGE_OF = {"unet": "unet", "text_encoder": "text_encoder"}
+# the roles whose graphs hold weights a LoRA changes
+LORA_ROLES = ("text", "denoise")
+
+
+def build_family(manifest: dict):
+    """The family a build was made from (its manifest's `family` block; SD1 for a manifest
+    without one)."""
+    from ..families import family, of_manifest
+
+    if "family" in manifest:
+        return of_manifest(manifest)
+    return family(manifest.get("base_model", {}).get("family", "sd1"))
+
+
+def stage_of(manifest: dict) -> dict[str, str]:
+    """{LoRA-able component: the build's stage holding it} over the stages the build has, from
+    its family: SD1.x/SD2.x unet, text_encoder; SDXL also text_encoder_2."""
+    fam = build_family(manifest)
+    roles = manifest.get("family", {}).get("roles") or {s.stage: s.role for s in fam.specs}
+    out = {}
+    for spec in fam.specs:
+        if roles.get(spec.stage) in LORA_ROLES and spec.component in fam.diffusers_prefixes:
+            out.setdefault(spec.component, spec.stage)
+    return out
 
 
 def check_float(manifest: dict, folder: Path) -> None:
@@ -33,20 +56,29 @@ def check_float(manifest: dict, folder: Path) -> None:
                        f"(re-quantizes from its float source {q['path']})")
 
 
-def known_modules(manifest: dict, folder: Path | None = None) -> dict[str, set[str]]:
-    """{component: module paths with a .weight} from a build's weight maps."""
+def known_modules(manifest: dict, folder: Path | None = None) -> Known:
+    """{component: {module path with a .weight: its shape (None where the weight is not in the
+    data table)}} from a build's weight maps, for the build's family (`Known.family`)."""
     check_float(manifest, folder or Path("this build"))
     out = {}
-    for component in COMPONENTS:
-        graph = manifest["graphs"].get(STAGE_OF[component])
+    for component, stage in stage_of(manifest).items():
+        graph = manifest["graphs"].get(stage)
         if graph:
-            out[component] = {p.removesuffix(".weight") for p in graph["weights"]["map"]
-                              if p.endswith(".weight")}
-    return out
+            weights = graph["weights"]
+            data = weights.get("data", {})
+            out[component] = {
+                p.removesuffix(".weight"): (tuple(data[init][3]) if init in data else None)
+                for p, init in weights["map"].items() if p.endswith(".weight")}
+            # modules the graph does not compute with (SDXL's last CLIP layer): a LoRA may
+            # name them, and fusing them changes nothing
+            out[component].update({p.removesuffix(".weight"): None
+                                   for p in weights.get("unused", []) if p.endswith(".weight")})
+    return Known(out, build_family(manifest))
 
 
-def load_adapters(specs: list[LoraSpec], known: dict[str, set[str]]):
-    return [(read_lora(spec.path, known), spec) for spec in specs]
+def load_adapters(specs: list[LoraSpec], known: dict, family=None):
+    """Every spec's file read against `known` (its family: `family`, else `known.family`)."""
+    return [(read_lora(spec.path, known, family), spec) for spec in specs]
 
 
 def _check_base(manifest: dict, folder: Path) -> None:
@@ -75,14 +107,17 @@ class Job:
 def fusion_jobs(folder: Path, manifest: dict, applied: Applied) -> list[Job]:
     """What the adapters change in this build, checked before any weight is read."""
     _check_base(manifest, folder)
+    stages = stage_of(manifest)
     jobs = []
     for (component, param), terms in sorted(applied.terms.items(), key=lambda kv: kv[0]):
-        stage = STAGE_OF[component]
+        stage = stages.get(component, component)
         graph = manifest["graphs"].get(stage)
         if graph is None:
             raise SdcError(f"this build has no {stage} graph, which the LoRA changes; rebuild "
                            f"with the {stage} stage")
         weights = graph["weights"]
+        if param in weights.get("unused", ()):
+            continue  # not in the graph: nothing to change
         init = weights["map"].get(param)
         info = weights.get("data", {}).get(init)
         if info is None:

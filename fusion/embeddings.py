@@ -5,10 +5,13 @@ Formats: A1111 `.safetensors` (`emb_params` [n, dim]) and `.pt` (`string_to_para
 dim]}`, `name`), and diffusers `learned_embeds` (`{token: [dim] or [n, dim]}`, .safetensors or
 .bin). A multi-vector embedding becomes n tokens `TOKEN`, `TOKEN_1`, ..., `TOKEN_{n-1}`, and the
 runtime expands `TOKEN` in a prompt into all n, as diffusers' `load_textual_inversion` +
-`maybe_convert_prompt` do. SDXL embeddings (`clip_l` / `clip_g`) are refused by name.
+`maybe_convert_prompt` do. SDXL embeddings (A1111's and diffusers' SDXL format, .safetensors)
+hold two tensors, `clip_l` [n, 768] for `text_encoder` (CLIP-L) and `clip_g` [n, 1280] for
+`text_encoder_2` (OpenCLIP-bigG), with the same n: both encoders get the n tokens.
 An embedding is untrusted input: it must hold at least one finite float vector of width >= 1
-(checked here) whose width is the text encoder's (checked by the caller); .pt files are unpickled
-weights-only and must be plain dicts of tensors. Anything else is one SdcError line.
+(checked here) whose width is the text encoder's (checked by the caller, which also refuses an
+embedding of another family: an SDXL one on an SD1.x/SD2.x build or the reverse); .pt files are
+unpickled weights-only and must be plain dicts of tensors. Anything else is one SdcError line.
 """
 
 from __future__ import annotations
@@ -24,13 +27,24 @@ from ..runtime.manifest import sha256_file
 from .safetensors_file import quote, read_safetensors
 
 
+# an SDXL embedding's tensors -> the text encoder (diffusers component) each goes into
+SDXL_PARTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+# one-encoder embedding width -> the family whose text encoder has it (messages only)
+_WIDTH_FAMILY = {768: "SD1.x", 1024: "SD2.x"}
+
+
+def family_of_width(width: int, default: str | None = "SD1.x/SD2.x") -> str | None:
+    return _WIDTH_FAMILY.get(int(width), default)
+
+
 @dataclass
 class Embedding:
     path: Path
     sha256: str
     token: str
-    vectors: np.ndarray  # [n, dim] float32
-    format: str
+    vectors: np.ndarray  # [n, dim] float32 (SDXL: clip_l's)
+    format: str  # a1111 | diffusers | sdxl
+    parts: dict[str, np.ndarray] | None = None  # SDXL: {"clip_l": [n, 768], "clip_g": [n, 1280]}
 
     def tokens(self) -> list[str]:
         return token_names(self.token, len(self.vectors))
@@ -71,8 +85,8 @@ def read_embedding(path: Path, token: str | None = None) -> Embedding:
                        f"{path.suffix or 'no extension'}")
     if not tensors:
         raise SdcError(f"{label}: the file holds no tensors; expected an embedding's vectors")
-    if any(k in tensors for k in ("clip_l", "clip_g")):
-        raise SdcError(f"{label}: an SDXL embedding (clip_l/clip_g); sdc builds SD1.x")
+    if any(k in tensors for k in SDXL_PARTS):
+        return _sdxl_embedding(path, label, tensors, token or meta_name or path.stem)
     if "emb_params" in tensors:
         fmt, key, default = "a1111", "emb_params", meta_name or path.stem
     elif "string_to_param" in tensors:
@@ -84,6 +98,12 @@ def read_embedding(path: Path, token: str | None = None) -> Embedding:
         raise SdcError(f"{label}: unrecognised layout (keys "
                        f"{', '.join(quote(k) for k in sorted(tensors)[:4])}); "
                        "expected emb_params, string_to_param or one learned_embeds entry")
+    vectors = _vectors(tensors, key, label)
+    token = _token(token or default, label)
+    return Embedding(path, sha256_file(path), token, vectors, fmt)
+
+
+def _vectors(tensors: dict, key: str, label: str) -> np.ndarray:
     vectors = tensors[key]
     if not np.issubdtype(vectors.dtype, np.floating):
         # an integer or bool "embedding" would be cast to float silently: never a real one
@@ -96,10 +116,33 @@ def read_embedding(path: Path, token: str | None = None) -> Embedding:
                        "(or [dim]) with at least one vector of width >= 1")
     if not np.isfinite(vectors).all():
         raise SdcError(f"{label}: contains NaN or Inf")
-    token = token or default
+    return vectors
+
+
+def _token(token: str | None, label: str) -> str:
     if not token or re.search(r"\s", token):
         raise SdcError(f"{label}: token {quote(token)} must be one word; pass PATH:TOKEN")
-    return Embedding(path, sha256_file(path), token, vectors, fmt)
+    return token
+
+
+def _sdxl_embedding(path: Path, label: str, tensors: dict, token: str | None) -> Embedding:
+    """clip_l + clip_g, each [n, dim] with the same n, and nothing else."""
+    missing = [p for p in SDXL_PARTS if p not in tensors]
+    if missing:
+        raise SdcError(f"{label}: an SDXL embedding needs both clip_l and clip_g; {missing[0]} is "
+                       "missing")
+    extra = sorted(k for k in tensors if k not in SDXL_PARTS)
+    if extra:
+        raise SdcError(f"{label}: an SDXL embedding holds clip_l and clip_g only; found also "
+                       f"{', '.join(quote(k) for k in extra[:4])}")
+    parts = {p: _vectors(tensors, p, label) for p in SDXL_PARTS}
+    counts = {p: len(a) for p, a in parts.items()}
+    if len(set(counts.values())) != 1:
+        raise SdcError(f"{label}: clip_l has {counts['clip_l']} vectors and clip_g "
+                       f"{counts['clip_g']}; an SDXL embedding has the same number for both "
+                       "encoders")
+    return Embedding(path, sha256_file(path), _token(token, label), parts["clip_l"], "sdxl",
+                     parts)
 
 
 def _read_torch_file(path: Path, label: str) -> tuple[dict, str | None]:

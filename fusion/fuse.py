@@ -9,7 +9,9 @@ fp16's range (|W'| <= 65504), else failing with the layer's name.
 
 Block weights (LoRA Block Weight): `down`, `mid`, `up` scale every UNet layer of those blocks,
 `down.1` / `up.2` one block by index, `base` the UNet layers outside blocks (conv_in, time
-embedding, conv_out), `te` the text encoder; unnamed parts keep weight 1.
+embedding, conv_out; SDXL's add_embedding too), `te` the text encoder (SDXL: both text encoders,
+text_encoder and text_encoder_2); unnamed parts keep weight 1. Block indices are diffusers' (an
+SGM-named kohya key is fused into, and so weighted as, the diffusers module it names).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _parse_blocks(text: str, whole: str) -> dict[str, float]:
 
 
 def block_multiplier(component: str, module: str, blocks: dict[str, float]) -> float:
-    if component == "text_encoder":
+    if component != "unet":  # text_encoder, SDXL's text_encoder_2
         return blocks.get("te", 1.0)
     m = re.match(r"(down|up)_blocks\.(\d+)\.", module)
     if m:

@@ -1,6 +1,7 @@
 """`sdc inspect LORA.safetensors`: what an adapter is and what it would change, without building
 (torch-free). Keys are matched against a build's modules (`--base DIR`) or SD1.5's shipped module
-list, so an adapter for another model family fails here exactly as it would at build.
+list, so an adapter for another model family fails here exactly as it would at build (an SDXL
+LoRA is inspected against an SDXL build: `--base DIR`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def describe_lora(path: Path, base: Path | None = None) -> tuple[str, dict]:
         known = known_modules(load_manifest(base))
         against = str(base)
     else:
-        known = {c: set(m) for c, m in json.loads(SD15_MODULES.read_text()).items()}
+        from ..families import SD1
+        from .lora import Known
+
+        modules = json.loads(SD15_MODULES.read_text())
+        known = Known({c: dict.fromkeys(m) for c, m in modules.items()}, SD1)
         against = "SD1.5 module layout"
     lora = read_lora(path, known)
     rep = report([(lora, LoraSpec(Path(path)))], {})[0]

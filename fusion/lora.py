@@ -1,19 +1,35 @@
 """LoRA files -> one normalised list of layers (torch-free), every key accounted for.
 
+Which components a LoRA may change and under which key prefixes is the model family's
+(sdc.families: `kohya_prefixes`, `diffusers_prefixes`): SD1.x/SD2.x lora_unet_ / lora_te_ and
+unet. / text_encoder.; SDXL lora_unet_ / lora_te1_ / lora_te2_ and unet. / text_encoder. /
+text_encoder_2. (`text_encoder_2` is OpenCLIP-bigG, a CLIPTextModelWithProjection).
+
 Formats read (local .safetensors only):
   kohya / A1111   lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha and
-                  lora_te_text_model_<...> for the text encoder; conv LoRAs (LoCon) have 4-D
-                  down [r, in, kh, kw] and up [out, r, 1, 1]. No .alpha means alpha = rank.
+                  lora_te_text_model_<...> (SDXL: lora_te1_ / lora_te2_) for the text encoders;
+                  conv LoRAs (LoCon) have 4-D down [r, in, kh, kw] and up [out, r, 1, 1]. No
+                  .alpha means alpha = rank. UNet modules come in diffusers' names
+                  (down_blocks_1_attentions_0_...) or, as kohya's sd-scripts write SDXL LoRAs,
+                  the original SGM/LDM names (input_blocks_4_1_..., middle_block_1_...,
+                  output_blocks_0_1_..., resnets' in_layers_2 / emb_layers_1 / out_layers_3 /
+                  skip_connection, time_embed_0, label_emb_0_0, out_2): fusion/sgm.py names
+                  every base module in that layout from the UNet's own structure.
   diffusers       unet.<module>.lora.down.weight / .lora.up.weight (older saves), and
-  diffusers/peft  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<...> likewise; the
-                  alpha comes from the file's `lora_adapter_metadata` (`unet.lora_alpha`,
-                  `unet.r`, `unet.alpha_pattern`), else a per-module `.alpha` tensor, else alpha
-                  = rank, which is what diffusers assumes and why a file saved without that
-                  metadata silently changes strength (FACTS.md): sdc says so in the report.
+  diffusers/peft  unet.<module>.lora_A.weight / .lora_B.weight, text_encoder.<...> (and
+                  text_encoder_2.<...>) likewise; the alpha comes from the file's
+                  `lora_adapter_metadata` (`unet.lora_alpha`, `unet.r`, `unet.alpha_pattern`),
+                  else a per-module `.alpha` tensor, else alpha = rank, which is what diffusers
+                  assumes and why a file saved without that metadata silently changes strength
+                  (FACTS.md): sdc says so in the report.
 Kohya module names flatten dots to underscores, which is ambiguous ("to_out_0"); they are matched
 against the base model's own module paths (the manifest's weight map, or the torch module's
 parameters), never guessed. Anything not matched fails with the file, the first unmatched keys and
-their count; formats sdc does not fuse (LoHa, LoKr, DoRA, SDXL's two text encoders) are named.
+their count; formats sdc does not fuse (LoHa, LoKr, DoRA, Flux/SD3) are named. A LoRA made for
+another family than the build's (an SDXL LoRA on an SD1.x build: lora_te1_/lora_te2_ or
+text_encoder_2 keys, SDXL's context width; an SD1.x one on SDXL: lora_te_ keys, ...) is refused
+naming both families, and where the base model's weight shapes are known (`Known`), a layer whose
+update does not fit its weight is refused at read time, not at fuse time.
 A LoRA is untrusted input: besides the header checks of safetensors_file, every layer must be a
 float, finite, rank >= 1 down/up pair that chains, every alpha one finite number >= 0, and the
 JSON metadata fields sdc interprets (lora_adapter_metadata, ss_tag_frequency) must have the types
@@ -31,15 +47,32 @@ import numpy as np
 
 from ..errors import SdcError
 from ..runtime.manifest import sha256_file
+from ..families import FAMILIES, SD1, Family
 from .safetensors_file import FLOAT_DTYPES, json_type, loads_bounded, quote, read_safetensors
+from .sgm import sgm_names
 
-COMPONENTS = ("unet", "text_encoder")
+# SD1.x's LoRA-able components (kept for callers that predate families; use the family's)
+COMPONENTS = tuple(SD1.diffusers_prefixes)
+# every component a LoRA of some family may change, in a stable order
+ALL_COMPONENTS = tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.diffusers_prefixes))
+BUILDS = "sdc builds SD1.x, SD2.x and SDXL models"
+
+
+class Known(dict):
+    """{component: {module path with a .weight: that weight's shape, or None where unknown}} of one
+    base model, and the family it belongs to (read_lora takes the family from here unless given).
+    A plain {component: set of module paths} is accepted wherever a Known is (no width checks,
+    family SD1 unless given)."""
+
+    def __init__(self, modules: dict, family: Family = SD1):
+        super().__init__(modules)
+        self.family = family
 
 
 @dataclass
 class LoraLayer:
-    component: str  # unet | text_encoder
-    module: str  # dotted module path in the component (text encoder: without "text_model.")
+    component: str  # unet | text_encoder | text_encoder_2 (the family's LoRA-able components)
+    module: str  # dotted module path in the component, as the component's own parameters name it
     down: np.ndarray  # [r, in] or [r, in, kh, kw]
     up: np.ndarray  # [out, r] or [out, r, 1, 1]
     alpha: float
@@ -76,16 +109,16 @@ _UNSUPPORTED = [
     (re.compile(r"hada_w|hada_t"), "LoHa (LyCORIS) adapter"),
     (re.compile(r"lokr_w|lokr_t"), "LoKr (LyCORIS) adapter"),
     (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA adapter"),
-    (re.compile(r"^lora_te[12]_|text_encoder_2\.|^te2\.|add_embedding"),
-     "SDXL LoRA (two text encoders); sdc builds SD1.x models"),
     (re.compile(r"^(double_blocks|single_blocks|transformer\.|lora_transformer_)"),
-     "Flux/SD3 transformer LoRA; sdc builds SD1.x models"),
+     f"Flux/SD3 transformer LoRA; {BUILDS}"),
 ]
 
 
-def read_lora(path, known: dict[str, set[str]]) -> LoraFile:
+def read_lora(path, known: dict, family: Family | None = None) -> LoraFile:
     """Parse `path` against the base model's module paths: {component: {dotted module path with a
-    `.weight` parameter}}."""
+    `.weight` parameter}} (a `Known`, whose weight shapes are then checked too). `family` is the
+    base model's family; by default `known.family` when `known` is a Known, else SD1."""
+    family = family or getattr(known, "family", None) or SD1
     path = Path(path)
     if not path.is_file():
         raise SdcError(f"--lora {path}: no such file; expected a LoRA .safetensors file")
@@ -101,15 +134,26 @@ def read_lora(path, known: dict[str, set[str]]) -> LoraFile:
         hits = [k for k in keys if pattern.search(k)]
         if hits:
             raise SdcError(f"{label}: {what} (e.g. {hits[0]}); sdc fuses plain LoRA/LoCon "
-                           "adapters for SD1.x only")
+                           "adapters for SD1.x, SD2.x and SDXL")
+    _check_prefixes(keys, family, label)
     # metadata sdc interprets is checked up front, so a bad field fails before any tensor is read
     meta_alpha = _metadata_alphas(st.metadata, label)
     trigger_words = triggers(st.metadata, label)
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        fmt, groups = "kohya", _kohya_groups(st, known)
+    if any(k.startswith(tuple(family.kohya_prefixes.values())) for k in keys):
+        fmt, groups = "kohya", _kohya_groups(st, known, family)
     else:
-        fmt, groups = _diffusers_groups(st, known)
-    layers, used, alpha_sources = [], set(), set()
+        fmt, groups = _diffusers_groups(st, known, family)
+    used = {k for parts in groups.values() for k in parts.values()}
+    unused = [k for k in keys if k not in used]
+    if unused:
+        other = _foreign_family(st, family)
+        if other:
+            raise SdcError(f"{label}: {len(unused)} of {len(keys)} keys match no layer of this "
+                           f"{family.title} base model (first: {unused[0]}); {other}")
+        raise SdcError(f"{label}: {len(unused)} of {len(keys)} keys match no layer of this "
+                       f"base model (first: {', '.join(unused[:3])}); is it an {family.title} "
+                       "LoRA?")
+    layers, alpha_sources = [], set()
     for (component, module), parts in sorted(groups.items()):
         if "down" not in parts or "up" not in parts:
             missing = "up" if "down" in parts else "down"
@@ -117,7 +161,7 @@ def read_lora(path, known: dict[str, set[str]]) -> LoraFile:
             raise SdcError(f"{label}: {component} {module} has no {missing} weight (key "
                            f"{some}); the file is incomplete")
         down, up = _pair(st, parts["down"], parts["up"], label)
-        used.update(parts.values())
+        _check_width(st, known, family, component, module, down, up, label)
         rank = down.shape[0]
         if "alpha" in parts:
             alpha = _alpha_tensor(st, parts["alpha"], label)
@@ -129,12 +173,79 @@ def read_lora(path, known: dict[str, set[str]]) -> LoraFile:
             alpha = float(rank)
             alpha_sources.add("rank (no alpha in the file)")
         layers.append(LoraLayer(component, module, down, up, alpha, str(path)))
-    unused = [k for k in keys if k not in used]
-    if unused:
-        raise SdcError(f"{label}: {len(unused)} of {len(keys)} keys match no layer of this "
-                       f"base model (first: {', '.join(unused[:3])}); is it an SD1.x LoRA?")
     return LoraFile(path, sha256_file(path), fmt, layers, len(keys),
                     ", ".join(sorted(alpha_sources)), dict(st.metadata), trigger_words)
+
+
+# --- which family a LoRA was made for ------------------------------------------------------------
+
+
+def _titles(families) -> str:
+    return "/".join(f.title for f in families)
+
+
+def _check_prefixes(keys: list[str], family: Family, label: str) -> None:
+    """Keys under a component prefix only other families have: lora_te1_/lora_te2_/text_encoder_2.
+    (SDXL's two text encoders) on an SD1.x/SD2.x build, lora_te_ (one text encoder) on SDXL."""
+    mine = set(family.kohya_prefixes.values()) | set(family.diffusers_prefixes.values())
+    for other in FAMILIES.values():
+        for component, prefix in [*other.kohya_prefixes.items(),
+                                  *other.diffusers_prefixes.items()]:
+            if prefix in mine:
+                continue
+            hit = next((k for k in keys if k.startswith(prefix)), None)
+            if hit is None:
+                continue
+            owners = [f for f in FAMILIES.values()
+                      if prefix in (*f.kohya_prefixes.values(), *f.diffusers_prefixes.values())]
+            n = len({c for f in owners for c in f.diffusers_prefixes if c != "unet"})
+            encoders = "two text encoders" if n > 1 else "one text encoder"
+            raise SdcError(f"{label}: an {_titles(owners)} LoRA ({encoders}: {prefix} keys, e.g. "
+                           f"{hit}), but this base model is {family.title}; {BUILDS} and fuses a "
+                           "LoRA only into the family it was made for")
+
+
+# cross-attention context width (attn2.to_k/to_v input) -> the family whose UNet has it
+_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+_CONTEXT_KEY = re.compile(r"attn2[._]to_[kv][._](?:lora_down|lora_A|lora\.down)\b")
+_SDXL_ONLY = re.compile(r"add_embedding|label_emb|^te[12]\.")
+
+
+def _foreign_family(st, family: Family) -> str | None:
+    """A clause naming the family the file's keys or widths point to, when that is not `family`
+    (used in refusals only: nothing is matched by it)."""
+    hit = next((k for k in st.keys() if _SDXL_ONLY.search(k)), None)
+    if hit and family.name != "sdxl":
+        return (f"it looks like an SDXL LoRA ({hit}), but this base model is {family.title}; "
+                f"{BUILDS} and fuses a LoRA only into the family it was made for")
+    for key in st.keys():
+        if _CONTEXT_KEY.search(key) and len(st.shape(key)) >= 2:
+            width = st.shape(key)[1]
+            title = _CONTEXT.get(width)
+            if title and title != family.title:
+                return (f"it looks like an {title} LoRA (cross-attention context width {width}, "
+                        f"{key}), but this base model is {family.title}; {BUILDS} and fuses a "
+                        "LoRA only into the family it was made for")
+            break
+    return None
+
+
+def _check_width(st, known: dict, family: Family, component: str, module: str,
+                 down: np.ndarray, up: np.ndarray, label: str) -> None:
+    """A (well-formed, _pair-checked) layer whose update does not fit the base weight, where the
+    shape is known: refused here, naming the families when the file tells which it was made for."""
+    modules = known.get(component)
+    shape = modules.get(module) if isinstance(modules, dict) else None
+    if not shape:
+        return
+    if up.shape[0] == shape[0] and math.prod(down.shape[1:]) == math.prod(shape[1:]):
+        return
+    update = [int(up.shape[0]), *map(int, down.shape[1:])]
+    why = _foreign_family(st, family) or (
+        f"the LoRA was made for another model; {BUILDS} and fuses a LoRA only into the family it "
+        "was made for")
+    raise SdcError(f"{label}: {component} {module} update {update} does not fit this "
+                   f"{family.title} base model's weight {list(shape)}; {why}")
 
 
 def _pair(st, down_key: str, up_key: str, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,19 +290,44 @@ def _check_alpha(value: float, what: str, label: str) -> float:
     return value
 
 
-def _kohya_groups(st, known: dict[str, set[str]]) -> dict:
-    flat = {}
-    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
-        for module in known.get(component, ()):
-            stems = {module.replace(".", "_")}
-            if component == "text_encoder":
-                stems.add("text_model_" + module.replace(".", "_"))
-            for stem in stems:
-                flat[prefix + stem] = (component, module)
+_KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def _aliases(component: str, module: str) -> set[str]:
+    """The dotted names a file may give a text-encoder module: transformers names CLIPTextModel's
+    parameters with or without the `text_model.` level depending on version and class (5.x:
+    CLIPTextModel without, CLIPTextModelWithProjection with), and files use both."""
+    if component == "unet":
+        return {module}
+    out = {module}
+    if module.startswith("text_model."):
+        out.add(module.removeprefix("text_model."))
+    elif module.split(".", 1)[0] in ("embeddings", "encoder", "final_layer_norm"):
+        out.add("text_model." + module)
+    return out
+
+
+def _kohya_groups(st, known: dict, family: Family) -> dict:
+    flat: dict[str, tuple | None] = {}
+
+    def add(stem: str, target: tuple) -> None:
+        if flat.get(stem, target) != target:
+            flat[stem] = None  # two base modules flatten alike: such a key stays unmatched
+        else:
+            flat[stem] = target
+
+    for component, prefix in family.kohya_prefixes.items():
+        modules = known.get(component, ())
+        for module in modules:
+            for name in _aliases(component, module):
+                add(prefix + name.replace(".", "_"), (component, module))
+        if component == "unet":
+            for module, sgm in sgm_names(modules).items():
+                add(prefix + sgm.replace(".", "_"), (component, module))
     groups: dict = {}
     for key in st.keys():
         stem, _, suffix = key.partition(".")
-        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+        part = _KOHYA_SUFFIX.get(suffix)
         target = flat.get(stem)
         if part is None or target is None:
             continue  # reported as unmatched
@@ -203,14 +339,15 @@ _DIFFUSERS_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:(?P<old>lora\.(?:down|up))
                                r"(?P<peft>lora_[AB])|(?P<alpha>alpha))(?:\.weight)?$")
 
 
-def _diffusers_groups(st, known: dict[str, set[str]]) -> tuple[str, dict]:
+def _diffusers_groups(st, known: dict, family: Family) -> tuple[str, dict]:
+    index = {c: _alias_index(c, known.get(c, ())) for c in family.diffusers_prefixes}
     groups: dict = {}
     kinds = set()
     for key in st.keys():
         m = _DIFFUSERS_SUFFIX.match(key)
         if not m:
             continue
-        component, module = _split_component(m["module"], known)
+        component, module = _split_component(m["module"], index, family)
         if component is None:
             continue
         if m["old"]:
@@ -225,16 +362,31 @@ def _diffusers_groups(st, known: dict[str, set[str]]) -> tuple[str, dict]:
     return ("peft" if kinds == {"peft"} else "diffusers"), groups
 
 
-def _split_component(path: str, known: dict[str, set[str]]) -> tuple[str | None, str]:
-    for prefix, component in (("unet.", "unet"), ("text_encoder.", "text_encoder"),
-                              ("base_model.model.", None)):
+def _alias_index(component: str, modules) -> dict[str, str | None]:
+    """{name a file may use: base module}; a name two modules share maps to None (unmatched)."""
+    index: dict[str, str | None] = {}
+    for module in modules:
+        for name in _aliases(component, module):
+            index[name] = module if index.get(name, module) == module else None
+    for module in modules:  # a module's own path always names it
+        index[module] = module
+    return index
+
+
+def _split_component(path: str, index: dict, family: Family) -> tuple[str | None, str]:
+    # longest prefix first, so a nested prefix can never shadow a longer one
+    prefixes = sorted(((p, c) for c, p in family.diffusers_prefixes.items()),
+                      key=lambda pc: -len(pc[0]))
+    for prefix, component in [*prefixes, ("base_model.model.", None)]:
         if not path.startswith(prefix):
             continue
         rest = path[len(prefix):]
-        for comp in ([component] if component else list(COMPONENTS)):
-            for candidate in (rest, rest.removeprefix("text_model.")):
-                if candidate in known.get(comp, ()):
-                    return comp, candidate
+        found = [(comp, index[comp][rest])
+                 for comp in ([component] if component else list(family.diffusers_prefixes))
+                 if index[comp].get(rest)]
+        if len(found) == 1:  # a bare peft key that two components have is ambiguous: unmatched
+            return found[0]
+        return None, path
     return None, path
 
 
@@ -269,7 +421,7 @@ def _metadata_alphas(metadata: dict, label: str = "--lora"):
     silently ignored, changing the adapter's strength)."""
     meta = _metadata_json(metadata, "lora_adapter_metadata", label) or {}
     where = "metadata lora_adapter_metadata"
-    for component in COMPONENTS:
+    for component in ALL_COMPONENTS:
         alpha = meta.get(f"{component}.lora_alpha")
         if alpha is not None:
             if not _number(alpha):

@@ -4,8 +4,10 @@ A request's adapter set (LoRA files with weights and block weights) is keyed by 
 file's sha256 (memoised on its path, size, mtime and inode, so an unchanged file is not re-hashed
 per request), its weight and its block weights. A miss reads the files against the build and fuses
 every touched weight from the build's *base* bytes (fusion/artifact.py), never incrementally, so
-A -> B -> A gives A's weights bit for bit. The cache holds the fused arrays; an entry larger than
-the whole cache is used once and not kept.
+A -> B -> A gives A's weights bit for bit. Which stages an adapter may change is the build's family
+(its manifest's `family` block: the text and denoise stages, e.g. SDXL's text_encoder,
+text_encoder_2 and unet), so everything here is keyed by stage, never by a fixed stage name. The
+cache holds the fused arrays; an entry larger than the whole cache is used once and not kept.
 
 How the fused weights reach a session (runtime/engine.py): weights that are adapter slots of the
 graph (export/adapter_slots.py) are bound per run to the session that is already resident (no

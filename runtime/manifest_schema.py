@@ -25,7 +25,7 @@ class Nullable:
 
 TENSOR = {"name": str, "dtype": str, "shape": list}
 PARITY = {"metric": str, "value": float, "threshold": float, "passed": bool}
-WEIGHTS = {"map": {"*": str}, "data?": {"*": list}, "data_file?": str}
+WEIGHTS = {"map": {"*": str}, "data?": {"*": list}, "data_file?": str, "unused?": [str]}
 GRAPH = {
     "files": [str], "inputs": [TENSOR], "outputs": [TENSOR], "precision": str,
     "parity?": PARITY, "memory?": dict, "weights?": WEIGHTS, "opset?": int,

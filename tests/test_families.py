@@ -236,3 +236,112 @@ def test_older_layout_is_told_to_rebuild(sd2_builds, tmp_path):
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SdcError, match=r"older sdc \(build layout 5.*rebuild"):
         load_manifest(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRAs and embeddings through `sdc build` / `sdc run`, against diffusers' own loaders
+
+
+def _peft_lora(pipe, out, components, seed=21):
+    """A LoRA on `components` of a diffusers pipeline (peft, random non-zero updates), written by
+    diffusers' save_lora_weights: what a diffusers/peft trainer produces."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sdc.export.quiet import quiet_torch_stack
+
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"],
+               "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+               "text_encoder_2": ["q_proj", "v_proj", "fc1", "fc2"]}
+    torch.manual_seed(seed)
+    layers, meta = {}, {}
+    for c in components:
+        module = getattr(pipe, c)
+        module.add_adapter(LoraConfig(r=4, lora_alpha=6.0, target_modules=targets[c],
+                                      init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.mul_(0.3)
+        layers[f"{c}_lora_layers"] = get_peft_model_state_dict(module)
+        meta[f"{c}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    with quiet_torch_stack():
+        type(pipe).save_lora_weights(out.parent, weight_name=out.name, **layers, **meta)
+    return out
+
+
+def _reference(load, folder, lora, **call):
+    pipe = load(folder)
+    with torch.no_grad():
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
+        return pipe(**call, output_type="np").images
+
+
+def test_sdxl_lora_at_build_and_at_run_matches_diffusers(sdxl_folder, sdxl_build, tmp_path):
+    """One peft LoRA on the UNet and both text encoders: fused at build (torch), and bound at
+    run time to the build's adapter slots (numpy, text_encoder_2's slots included)."""
+    lora = _peft_lora(load_sdxl_pipeline(sdxl_folder), tmp_path / "xl-lora.safetensors",
+                      ("unet", "text_encoder", "text_encoder_2"))
+    latents = _latents(batch=1)
+    call = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE, width=W, height=H, latents=torch.from_numpy(latents))
+    ref = _reference(load_sdxl_pipeline, sdxl_folder, lora, **call)
+    opts = dict(prompt=PROMPT, negative="blurry", steps=STEPS, guidance=GUIDANCE, width=W,
+                height=H, latents=latents, provider="cpu")
+    at_run = run_pipeline(GenerateOptions(artifacts=sdxl_build, loras=(str(lora),), **opts))
+    _assert_matches(at_run, ref, "run-time LoRA")
+    fused = _build(sdxl_folder, tmp_path / "xl+lora", "--lora", lora,
+                   "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
+    m = read_manifest(fused)
+    assert {lo["name"] for lo in m["loras"]} == {"xl-lora"}
+    at_build = run_pipeline(GenerateOptions(artifacts=fused, **opts))
+    _assert_matches(at_build, ref, "build-time LoRA")
+    base = run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts))
+    moved = np.abs(np.asarray(base.images[0], np.int16) - np.asarray(at_run.images[0], np.int16))
+    assert moved.max() > 10  # the adapter changes the image: the comparison means something
+
+
+def test_sd2_lora_matches_diffusers(sd2_folders, sd2_builds, tmp_path):
+    folder = sd2_folders["v_prediction"]
+    lora = _peft_lora(load_sd2_pipeline(folder), tmp_path / "sd2-lora.safetensors",
+                      ("unet", "text_encoder"))
+    latents = _latents(batch=1)
+    ref = _reference(load_sd2_pipeline, folder, lora, prompt=PROMPT, negative_prompt="blurry",
+                     num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H,
+                     latents=torch.from_numpy(latents))
+    ours = run_pipeline(GenerateOptions(
+        prompt=PROMPT, negative="blurry", artifacts=sd2_builds["v_prediction"], steps=STEPS,
+        guidance=GUIDANCE, width=W, height=H, latents=latents, provider="cpu",
+        loras=(str(lora),)))
+    _assert_matches(ours, ref, "sd2 LoRA")
+
+
+def test_sdxl_embedding_in_both_encoders_matches_diffusers(sdxl_folder, tmp_path):
+    """An SDXL textual inversion (clip_l + clip_g vectors) added at build: each encoder gets its
+    vectors, as diffusers' load_textual_inversion twice does."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(8)
+    clip_l = rng.standard_normal((2, 32)).astype(np.float32)
+    clip_g = rng.standard_normal((2, 48)).astype(np.float32)
+    emb = tmp_path / "xl-emb.safetensors"
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(emb))
+    out = _build(sdxl_folder, tmp_path / "xl+emb", "--embedding", f"{emb}:<xl>",
+                 "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
+    prompt = "a <xl> on a blue background"
+    latents = _latents(batch=1)
+    ours = run_pipeline(GenerateOptions(prompt=prompt, negative="blurry", artifacts=out,
+                                        steps=STEPS, guidance=GUIDANCE, width=W, height=H,
+                                        latents=latents, provider="cpu"))
+    pipe = load_sdxl_pipeline(sdxl_folder)
+    tokens = ["<xl>", "<xl>_1"]
+    pipe.load_textual_inversion(torch.from_numpy(clip_l), token=tokens,
+                                text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(torch.from_numpy(clip_g), token=tokens,
+                                text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():  # diffusers expands the multi-vector token as sdc does: <xl> <xl>_1
+        ref = pipe(prompt, negative_prompt="blurry",
+                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H,
+                   latents=torch.from_numpy(latents), output_type="np").images
+    _assert_matches(ours, ref, "sdxl embedding")
