@@ -22,7 +22,6 @@ SD2/SDXL encoders.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
