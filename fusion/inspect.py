@@ -1,7 +1,7 @@
 """`sdc inspect LORA.safetensors`: what an adapter is and what it would change, without building
-(torch-free). Keys are matched against a build's modules (`--base DIR`) or SD1.5's shipped module
-list, so an adapter for another model family fails here exactly as it would at build (an SDXL
-LoRA is inspected against an SDXL build: `--base DIR`).
+(torch-free). Keys are matched against a build's modules (`--base DIR`) or a shipped module list
+(SDXL's for a file with SDXL-only keys, SD1.5's otherwise), so an adapter that does not fit fails
+here exactly as it would at build.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from .fuse import LoraSpec, report
 from .lora import read_lora
 
-SD15_MODULES = Path(__file__).resolve().parent.parent / "export" / "data" / "sd15" / "modules.json"
 
 
 def describe_lora(path: Path, base: Path | None = None) -> tuple[str, dict]:
@@ -23,12 +22,13 @@ def describe_lora(path: Path, base: Path | None = None) -> tuple[str, dict]:
         known = known_modules(load_manifest(base))
         against = str(base)
     else:
-        from ..families import SD1
-        from .lora import Known
+        from ..families import SD1, SDXL
+        from .lora import Known, looks_sdxl
 
-        modules = json.loads(SD15_MODULES.read_text())
-        known = Known({c: dict.fromkeys(m) for c, m in modules.items()}, SD1)
-        against = "SD1.5 module layout"
+        family = SDXL if looks_sdxl(path) else SD1
+        modules = json.loads((family.config_dir() / "modules.json").read_text())
+        known = Known({c: dict.fromkeys(m) for c, m in modules.items()}, family)
+        against = f"{family.config_dir().name} module layout"
     lora = read_lora(path, known)
     rep = report([(lora, LoraSpec(Path(path)))], {})[0]
     rep.pop("max_abs_delta")

@@ -211,6 +211,13 @@ _CONTEXT_KEY = re.compile(r"attn2[._]to_[kv][._](?:lora_down|lora_A|lora\.down)\
 _SDXL_ONLY = re.compile(r"add_embedding|label_emb|^te[12]\.")
 
 
+def looks_sdxl(path) -> bool:
+    """Whether a LoRA file has keys only SDXL has (its second text encoder, add_embedding)."""
+    st = read_safetensors(Path(path), f"--lora {path}", allow_empty=True)
+    return any(_SDXL_ONLY.search(k) or k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))
+               for k in st.keys())
+
+
 def _foreign_family(st, family: Family) -> str | None:
     """A clause naming the family the file's keys or widths point to, when that is not `family`
     (used in refusals only: nothing is matched by it)."""

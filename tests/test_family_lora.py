@@ -450,3 +450,14 @@ def test_embeddings_of_another_family_are_refused(xl, tmp_path):
     (e,) = plan_embeddings(sd15_tok, [(sd1_emb, "<s>")], 768)
     assert e["ids"] == [49408] and e["vectors_data"].shape == (1, 768) and "encoder_ids" not in e
     assert re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
+
+
+def test_inspect_without_a_build_knows_an_sdxl_lora(xl_loras):
+    """`sdc inspect LORA` with no --base matches an SDXL file against the shipped SDXL module list
+    (export/data/sdxl/modules.json) and an SD1 one against SD1.5's."""
+    from conftest import run_sdc
+
+    # the tiny model's module paths all exist in SDXL base's layout (it has more of each)
+    proc = run_sdc("inspect", xl_loras["kohya-sgm"])
+    assert "matched against sdxl module layout" in proc.stdout, proc.stdout
+    assert "text_encoder_2:" in proc.stdout
