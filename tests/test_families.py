@@ -345,3 +345,21 @@ def test_sdxl_embedding_in_both_encoders_matches_diffusers(sdxl_folder, tmp_path
                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H,
                    latents=torch.from_numpy(latents), output_type="np").images
     _assert_matches(ours, ref, "sdxl embedding")
+
+
+def test_sdxl_quantizes_by_role(sdxl_build, tmp_path):
+    """The int4 recipe by stage role: both text encoders int8, the UNet int4, the VAE fp16
+    weights; the quantized build runs and stays close to its float source."""
+    out = tmp_path / "xl-int4"
+    run_sdc("build", "--from", sdxl_build, "--precision", "int4", "--out", out)
+    m = read_manifest(out)
+    assert m["quantization"]["formats"] == {"text_encoder": "int8", "text_encoder_2": "int8",
+                                            "unet": "int4", "vae_decoder": "fp16",
+                                            "vae_encoder": "fp16"}
+    assert m["family"] == read_manifest(sdxl_build)["family"]
+    opts = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
+                latents=_latents(batch=1), provider="cpu")
+    a = np.asarray(run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts)).images[0], float)
+    b = np.asarray(run_pipeline(GenerateOptions(artifacts=out, **opts)).images[0], float)
+    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+    assert psnr > 20, psnr  # random tiny weights: a loose floor that a broken graph misses
