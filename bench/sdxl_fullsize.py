@@ -125,6 +125,11 @@ def main() -> int:
         if res["build"]["exit"]:
             RESULTS.write_text(json.dumps(res, indent=2) + "\n")
             return 1
+    elif RESULTS.is_file():  # a kept build (--keep): its build figures are the earlier run's
+        earlier = json.loads(RESULTS.read_text())
+        for key in ("model", "build"):
+            if key in earlier:
+                res[key] = {**earlier[key], "from_earlier_run": earlier.get("date")}
     manifest = json.loads((build / "manifest.json").read_text())
     res["build_bytes"] = dir_bytes(build)
     res["build_manifest"] = {"seconds": manifest["build"]["seconds"],

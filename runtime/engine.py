@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import SdcError
 from .adapters import AdapterCache, FusedSet, fuse_set, parse_specs
 from .manifest import load_manifest, referenced_files, stage_with, verify_files
-from .pipeline import (AUTO_TILE, AUTO_TILE_ABOVE, GenerateOptions, GenerateResult,
+from .pipeline import (GenerateOptions, GenerateResult,
                        _close_opened, _init_array, _init_size, _load_latents, _open_init_image,
                        _plan, _to_images, _validate, resolve_artifacts, with_model_defaults)
 from .store import contained, read_json_object
@@ -590,7 +590,9 @@ class Engine:
         z = latents / np.float32(model["scaling_factor"])
         tile = plan.vae_tile if plan is not None else opts.vae_tile
         if tile is None:
-            tile = AUTO_TILE if max(z.shape[2:]) > AUTO_TILE_ABOVE else 0
+            from .planner import AUTO_TILE, auto_tile_above
+
+            tile = AUTO_TILE if max(z.shape[2:]) > auto_tile_above(model) else 0
         stage = self.decoder
         if run.observe:
             run.observe(stage, {"latent_sample": z})

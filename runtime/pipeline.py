@@ -34,7 +34,6 @@ MAX_SIDE = 65536  # px: bounds the planner's arithmetic; the plan refuses far sm
 # --init-image: 8192 x 8192. Checked from the header, before decoding: a PNG may claim any size
 # in 30 bytes, and decoding 50000 x 50000 would take 7.5 GB before anything could refuse it.
 MAX_INIT_PIXELS = 8192 * 8192
-AUTO_TILE, AUTO_TILE_ABOVE = 32, 64  # latents
 MIN_TILE = 8  # latents: the smallest VAE tile accepted (and planned)
 
 
@@ -57,7 +56,7 @@ class GenerateOptions:
     strength: float = 0.8  # img2img: fraction of the schedule re-noised (0, 1]
     verify: bool = True  # sha256 every artifact file before loading (False: sizes only)
     vae_tile: int | None = None  # latent tile for the VAE decode; 0 untiled; None: auto
-    # (tiles of 32 above 64 latents, i.e. beyond SD1.x's native 512 px: exact tiles cost ~1.3x
+    # (tiles of 32 above the model's native size, 64 latents for SD1.x: exact tiles cost ~1.3x
     # the untiled decode's time at 512 px and save a quarter of its peak, measured; under
     # --vram-budget the planner chooses the tile)
     cfg_split: bool | None = None  # CFG halves as two UNet passes (half the activations);

@@ -264,10 +264,16 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
         held = {k: chunk_units[k].held(p) for k in resident}
         peak = max(u.peak(p) + sum(v for j, v in held.items() if j != k)
                    for k, u in enumerate(chunk_units))
-        # the chunks compute exactly what the whole graph computes: its (steadier) run time,
-        # plus creating every streamed chunk's session on each pass
-        per_pass = unet_whole.run(p) + sum(u.load for k, u in enumerate(chunk_units)
-                                           if k not in resident)
+        # A resident chunk computes its share of what the whole graph computes (the whole's
+        # steadier run time, split as the chunks' measured runs split it); a streamed chunk costs
+        # what the profile measured for it as streamed: created, run once (weights paged in and
+        # prepacked on that first run) and released, on every pass. Counting a streamed chunk at
+        # its share of the whole's time made streaming look free (SDXL at 1024²: 191 s measured
+        # against 137 s planned, and chosen over the whole graph with no budget given).
+        runs = [u.run(p) for u in chunk_units]
+        share = unet_whole.run(p) / max(sum(runs), 1e-9)
+        per_pass = sum(runs[k] * share if k in resident else runs[k] + u.load
+                       for k, u in enumerate(chunk_units))
         holds = (f"chunks {', '.join(str(k + 1) for k in resident)} resident + one streamed"
                  if resident else "one chunk at a time")
         return StagePlan(unet, holds, _est(peak + fixed + latents),
@@ -299,7 +305,9 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
     if vae_tile is not None:
         tiles = [vae_tile]
     elif budget is None:
-        tiles = [32 if max(lh, lw) > 64 and dec_tiled else 0]
+        # tiles only above the model's native size (SD1: 64 latents, SDXL: 128), where the
+        # whole decoder's activations outgrow what its native size needs
+        tiles = [AUTO_TILE if max(lh, lw) > auto_tile_above(model) and dec_tiled else 0]
     else:
         tiles = [0] + ([t for t in TILES if t < max(lh, lw)] if dec_tiled else [])
     attention = graphs[unet].get("attention", "MatMul-Softmax-MatMul (older build)")
@@ -315,3 +323,13 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
             s.host = s.stage in host
         plans.append(plan)
     return plans
+
+
+AUTO_TILE = 32  # latents: the tile an unbudgeted run decodes with above the native size
+
+
+def auto_tile_above(model: dict) -> int:
+    """Latent side above which an unbudgeted decode is tiled: the model's native latent size
+    (64 for SD1's 512 px, 128 for SDXL's 1024 px), never below 64."""
+    return max(64, int(model.get("default_size") or 512) // model["vae_scale_factor"])
+
