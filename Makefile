@@ -17,7 +17,7 @@ RT_VENV := .venv-runtime
 # find-links there already); elsewhere, PyTorch's CPU index.
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: venv venv-runtime runtime-check demo test test-browser test-ray browser-deps test-latest lock bench tiny-model clean interop interop-lock
+.PHONY: venv venv-runtime runtime-check demo test test-browser test-families test-ray browser-deps test-latest lock bench tiny-model clean interop interop-lock
 
 # The lock installs everything (torch first in its own call, so nothing can pull another torch),
 # then sdc itself without dependencies; `pip check` proves the set is consistent.
@@ -101,6 +101,11 @@ browser-deps:
 
 test-browser: venv browser-deps
 	$(PY) -m pytest -q -m browser
+
+# SD2.x/SDXL build variants (tests marked `families`: an SDXL single file built with chunks and
+# streamed under a budget, a LoRA and an embedding fused at build, an int4 SDXL); ~5 min.
+test-families: venv
+	$(PY) -m pytest -q -m families
 
 # Ray Serve scale-out proofs (tests marked `ray`: 2 replicas, a killed replica, autoscaling),
 # a local Ray cluster on 127.0.0.1 started and stopped by the tests; ~3 min on 2 cores.

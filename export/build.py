@@ -98,7 +98,8 @@ def build_key(source_hash: str, opts: BuildOptions, versions: dict, loras: list 
     from .exporter import OPSET
 
     payload = {"layout": BUILD_LAYOUT, "source": source_hash, "precision": opts.precision,
-               "stages": list(opts.stages), "opset": OPSET,
+               # None only before the family resolves it (_check_stages): every stage
+               "stages": list(opts.stages) if opts.stages is not None else "all", "opset": OPSET,
                "loras": [[lo["sha256"], lo["weight"], lo["blocks"]] for lo in loras or []],
                "embeddings": [[e["sha256"], e["token"]] for e in embeddings or []],
                "versions": {k: versions[k] for k in ("sdc", "torch", "onnx", "onnxscript")}}

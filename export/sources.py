@@ -378,7 +378,8 @@ class ModelSource:
             self._tmp = None
 
 
-def _diffusers_weight_files(folder: Path, family: Family) -> list[Path]:
+def _diffusers_weight_files(folder: Path, family: Family | None = None) -> list[Path]:
+    family = family or family_of("sd1")
     files = []
     for part in family.components:
         found = sorted(p for p in (folder / part).iterdir()

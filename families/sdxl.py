@@ -11,67 +11,39 @@ fp16 like SD1's, so fp16 builds keep it fp32.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from . import sd1
 from .base import Family, TextEncoder
-from .graph_spec import GraphSpec, ModelDims, TensorSpec
+from .graph_spec import ModelDims, TensorSpec
 from .sd1 import COMPONENTS, VAE_DECODER, VAE_ENCODER, latent_dims
 
 TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
 
-TEXT_ENCODER = GraphSpec(
-    stage="text_encoder",
-    component="text_encoder",
-    role="text",
-    graph="clip_penultimate",
-    inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64"),),
+# SD1's graphs, changed where SDXL differs (the VAE graphs are SD1's as they are)
+TEXT_ENCODER = replace(
+    sd1.TEXT_ENCODER, graph="clip_penultimate",
     outputs=(TensorSpec("hidden_states", ("batch", "sequence", "hidden_size"), "float32"),),
-    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
-    adapter_slots=True,
-    description="CLIP-L text encoder: token ids -> penultimate-layer hidden states",
-)
+    description="CLIP-L text encoder: token ids -> penultimate-layer hidden states")
 
-TEXT_ENCODER_2 = GraphSpec(
-    stage="text_encoder_2",
-    component="text_encoder_2",
-    role="text",
+TEXT_ENCODER_2 = replace(
+    sd1.TEXT_ENCODER, stage="text_encoder_2", component="text_encoder_2",
     graph="clip_penultimate_pooled",
-    inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64"),),
     outputs=(TensorSpec("hidden_states", ("batch", "sequence", "hidden_size_2"), "float32"),
              TensorSpec("text_embeds", ("batch", "pooled_size"), "float32")),
-    dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
-    adapter_slots=True,
     description="OpenCLIP-bigG text encoder: token ids -> penultimate hidden states and the "
-                "pooled projection",
-)
+                "pooled projection")
 
-UNET = GraphSpec(
-    stage="unet",
-    component="unet",
-    role="denoise",
-    graph="unet_text_time",
-    inputs=(
-        TensorSpec("sample", ("batch", "latent_channels", "latent_height", "latent_width"), "float32"),
-        TensorSpec("timestep", ("batch",), "float32"),
-        TensorSpec("encoder_hidden_states", ("batch", "sequence", "cross_attention_dim"),
-                   "float32"),
-        TensorSpec("text_embeds", ("batch", "pooled_size"), "float32"),
-        TensorSpec("time_ids", ("batch", "time_ids"), "float32"),
-    ),
-    outputs=(
-        TensorSpec("out_sample", ("batch", "latent_channels", "latent_height", "latent_width"),
-                   "float32"),
-    ),
-    dynamic_axes={
-        "sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
-        "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch", 1: "sequence"},
-        "text_embeds": {0: "batch"},
-        "time_ids": {0: "batch"},
-    },
-    fused_attention=True,
-    adapter_slots=True,
+UNET = replace(
+    sd1.UNET, graph="unet_text_time",
+    inputs=(*sd1.UNET.inputs[:2],
+            TensorSpec("encoder_hidden_states", ("batch", "sequence", "cross_attention_dim"),
+                       "float32"),
+            TensorSpec("text_embeds", ("batch", "pooled_size"), "float32"),
+            TensorSpec("time_ids", ("batch", "time_ids"), "float32")),
+    dynamic_axes={**sd1.UNET.dynamic_axes, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}},
     description="denoiser: noisy latents, timestep, both encoders' states, pooled text and "
-                "size/crop ids -> predicted noise",
-)
+                "size/crop ids -> predicted noise")
 
 
 def dims(configs: dict) -> ModelDims:

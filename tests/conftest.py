@@ -88,3 +88,38 @@ def chunked_tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("budget") / "sdc-tiny-c3"
     run_sdc("build", "--precision", "fp32", "--unet-chunks", "3", "--out", out)
     return out
+
+
+# --- tiny SD2.x and SDXL models and their fp32 builds (tests/family_models.py) ---------------
+
+
+@pytest.fixture(scope="session")
+def sd2_folders(tmp_path_factory):
+    from family_models import make_sd2_folder
+
+    root = tmp_path_factory.mktemp("sd2")
+    return {p: make_sd2_folder(root / p, prediction=p) for p in ("epsilon", "v_prediction")}
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    from family_models import make_sdxl_folder
+
+    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
+
+
+def build_family(model, out, *extra):
+    """`sdc build MODEL --precision fp32 --out OUT [extra]`; returns OUT."""
+    run_sdc("build", model, "--precision", "fp32", "--out", out, *extra)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd2_builds(sd2_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd2-builds")
+    return {p: build_family(f, root / p) for p, f in sd2_folders.items()}
+
+
+@pytest.fixture(scope="session")
+def sdxl_build(sdxl_folder, tmp_path_factory):
+    return build_family(sdxl_folder, tmp_path_factory.mktemp("sdxl-build") / "fp32")

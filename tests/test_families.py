@@ -8,8 +8,9 @@ conditioning (missing pooled text, wrong time ids, the last instead of the penul
 wrong pad token, v read as epsilon) moves pixels by tens of levels on these models.
 
 Single-file checkpoints (tests/ldm_checkpoint.py writes them in the layout real SD2 and SDXL files
-have; test_family_fixtures.py checks that writer against diffusers' own converters) build to the
-same graphs as the folder they came from: the images are identical.
+have; test_family_fixtures.py checks that writer against diffusers' own converters) load to the
+folder's own weights. Further full builds (an SDXL single file with chunks, a LoRA and an
+embedding at build, int4) are in test_families_builds.py (`make test-families`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from conftest import read_manifest, run_sdc
-from family_models import load_sd2_pipeline, load_sdxl_pipeline, make_sd2_folder, make_sdxl_folder
+from family_models import load_sd2_pipeline, load_sdxl_pipeline
 from ldm_checkpoint import write_sd2_single_file, write_sdxl_single_file
 
 from sdc.runtime.pipeline import GenerateOptions, run_pipeline
@@ -29,35 +30,6 @@ from sdc.runtime.pipeline import GenerateOptions, run_pipeline
 PIXEL_TOL = 2  # levels of 255, as for SD1 (test_run.py)
 W, H, STEPS, GUIDANCE = 96, 64, 4, 6.0
 PROMPT = "a red circle on a blue background!"  # "!" is SD2's and bigG's pad token
-
-
-@pytest.fixture(scope="module")
-def sd2_folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd2")
-    return {p: make_sd2_folder(root / p, prediction=p) for p in ("epsilon", "v_prediction")}
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
-
-
-def _build(model, out, *extra):
-    run_sdc("build", model, "--precision", "fp32", "--out", out, *extra)
-    return out
-
-
-@pytest.fixture(scope="module")
-def sd2_builds(sd2_folders, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd2-builds")
-    return {p: _build(f, root / p) for p, f in sd2_folders.items()}
-
-
-@pytest.fixture(scope="module")
-def sdxl_build(sdxl_folder, tmp_path_factory):
-    # with UNet chunks, so the planner's streamed plans are exercised on SDXL's five-input UNet
-    return _build(sdxl_folder, tmp_path_factory.mktemp("sdxl-build") / "fp32", "--unet-chunks",
-                  "3")
 
 
 def _latents(seed=5, batch=2):
@@ -136,25 +108,6 @@ def test_sdxl_manifest_describes_the_family(sdxl_build):
     assert "text_encoder_2" in proc.stdout, proc.stdout
 
 
-def test_sdxl_streams_chunks_under_a_budget(sdxl_build):
-    """The smallest plan streams the UNet's chunks (the pooled text and time ids are carried
-    through the chain) and draws what the whole graph draws."""
-    from sdc.runtime.planner import candidate_plans
-
-    m = read_manifest(sdxl_build)
-    assert m["graphs"]["unet"]["chunks"]["parity"]["passed"]
-    smallest = min(candidate_plans(m, batch=1, cfg=True, width=W, height=H, steps=2, budget=1),
-                   key=lambda p: p.peak)
-    assert smallest.unet == "chunks"
-    kw = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
-              latents=_latents(batch=1), provider="cpu", artifacts=sdxl_build)
-    whole = run_pipeline(GenerateOptions(**kw))
-    streamed = run_pipeline(GenerateOptions(**kw, vram_budget=smallest.peak))
-    assert whole.plan.unet == "whole" and streamed.plan.unet == "chunks"
-    a, b = (np.asarray(r.images[0], np.int16) for r in (whole, streamed))
-    assert np.abs(a - b).max() <= 1  # chunk parity is ~1e-6 relative: at most one level
-
-
 def test_sdxl_cli_run_and_img2img(sdxl_build, tmp_path):
     out = tmp_path / "cat.png"
     run_sdc("run", "-a", sdxl_build, "a cat", "--steps", "2", "--width", "64", "--height", "64",
@@ -187,19 +140,6 @@ def test_sd2_single_file_loads_the_folder_weights(sd2_folders, tmp_path):
         for k, v in from_folder.items():
             assert torch.equal(from_file[k], v), (component, k)
     source.close()
-
-
-def test_sdxl_single_file_builds_the_same_images(sdxl_folder, sdxl_build, tmp_path):
-    ckpt = write_sdxl_single_file(sdxl_folder, tmp_path / "xl.safetensors")
-    out = _build(ckpt, tmp_path / "from-file", "--config", sdxl_folder,
-                 "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
-    m = read_manifest(out)
-    assert (m["base_model"]["kind"], m["base_model"]["family"]) == ("single_file", "sdxl")
-    opts = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
-                latents=_latents(batch=1), provider="cpu")
-    a = run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts)).images[0]
-    b = run_pipeline(GenerateOptions(artifacts=out, **opts)).images[0]
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_family_refusals(sdxl_folder, sd2_folders, tmp_path):
@@ -278,30 +218,6 @@ def _reference(load, folder, lora, **call):
         return pipe(**call, output_type="np").images
 
 
-def test_sdxl_lora_at_build_and_at_run_matches_diffusers(sdxl_folder, sdxl_build, tmp_path):
-    """One peft LoRA on the UNet and both text encoders: fused at build (torch), and bound at
-    run time to the build's adapter slots (numpy, text_encoder_2's slots included)."""
-    lora = _peft_lora(load_sdxl_pipeline(sdxl_folder), tmp_path / "xl-lora.safetensors",
-                      ("unet", "text_encoder", "text_encoder_2"))
-    latents = _latents(batch=1)
-    call = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE, width=W, height=H, latents=torch.from_numpy(latents))
-    ref = _reference(load_sdxl_pipeline, sdxl_folder, lora, **call)
-    opts = dict(prompt=PROMPT, negative="blurry", steps=STEPS, guidance=GUIDANCE, width=W,
-                height=H, latents=latents, provider="cpu")
-    at_run = run_pipeline(GenerateOptions(artifacts=sdxl_build, loras=(str(lora),), **opts))
-    _assert_matches(at_run, ref, "run-time LoRA")
-    fused = _build(sdxl_folder, tmp_path / "xl+lora", "--lora", lora,
-                   "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
-    m = read_manifest(fused)
-    assert {lo["name"] for lo in m["loras"]} == {"xl-lora"}
-    at_build = run_pipeline(GenerateOptions(artifacts=fused, **opts))
-    _assert_matches(at_build, ref, "build-time LoRA")
-    base = run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts))
-    moved = np.abs(np.asarray(base.images[0], np.int16) - np.asarray(at_run.images[0], np.int16))
-    assert moved.max() > 10  # the adapter changes the image: the comparison means something
-
-
 def test_sd2_lora_matches_diffusers(sd2_folders, sd2_builds, tmp_path):
     folder = sd2_folders["v_prediction"]
     lora = _peft_lora(load_sd2_pipeline(folder), tmp_path / "sd2-lora.safetensors",
@@ -317,49 +233,26 @@ def test_sd2_lora_matches_diffusers(sd2_folders, sd2_builds, tmp_path):
     _assert_matches(ours, ref, "sd2 LoRA")
 
 
-def test_sdxl_embedding_in_both_encoders_matches_diffusers(sdxl_folder, tmp_path):
-    """An SDXL textual inversion (clip_l + clip_g vectors) added at build: each encoder gets its
-    vectors, as diffusers' load_textual_inversion twice does."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(8)
-    clip_l = rng.standard_normal((2, 32)).astype(np.float32)
-    clip_g = rng.standard_normal((2, 48)).astype(np.float32)
-    emb = tmp_path / "xl-emb.safetensors"
-    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(emb))
-    out = _build(sdxl_folder, tmp_path / "xl+emb", "--embedding", f"{emb}:<xl>",
-                 "--stages", "text_encoder,text_encoder_2,unet,vae_decoder")
-    prompt = "a <xl> on a blue background"
+def test_sdxl_lora_at_run_matches_diffusers(sdxl_folder, sdxl_build, tmp_path):
+    """One peft LoRA on the UNet and both text encoders, bound at run time to the build's adapter
+    slots (numpy; text_encoder_2's slots included). At build: test_families_builds.py."""
+    lora = _peft_lora(load_sdxl_pipeline(sdxl_folder), tmp_path / "xl-lora.safetensors",
+                      ("unet", "text_encoder", "text_encoder_2"))
     latents = _latents(batch=1)
-    ours = run_pipeline(GenerateOptions(prompt=prompt, negative="blurry", artifacts=out,
-                                        steps=STEPS, guidance=GUIDANCE, width=W, height=H,
-                                        latents=latents, provider="cpu"))
-    pipe = load_sdxl_pipeline(sdxl_folder)
-    tokens = ["<xl>", "<xl>_1"]
-    pipe.load_textual_inversion(torch.from_numpy(clip_l), token=tokens,
-                                text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(torch.from_numpy(clip_g), token=tokens,
-                                text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-    with torch.no_grad():  # diffusers expands the multi-vector token as sdc does: <xl> <xl>_1
-        ref = pipe(prompt, negative_prompt="blurry",
-                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=W, height=H,
-                   latents=torch.from_numpy(latents), output_type="np").images
-    _assert_matches(ours, ref, "sdxl embedding")
+    ref = _reference(load_sdxl_pipeline, sdxl_folder, lora, **_call(latents))
+    opts = _opts(latents)
+    at_run = run_pipeline(GenerateOptions(artifacts=sdxl_build, loras=(str(lora),), **opts))
+    _assert_matches(at_run, ref, "run-time LoRA")
+    base = run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts))
+    moved = np.abs(np.asarray(base.images[0], np.int16) - np.asarray(at_run.images[0], np.int16))
+    assert moved.max() > 10  # the adapter changes the image: the comparison means something
 
 
-def test_sdxl_quantizes_by_role(sdxl_build, tmp_path):
-    """The int4 recipe by stage role: both text encoders int8, the UNet int4, the VAE fp16
-    weights; the quantized build runs and stays close to its float source."""
-    out = tmp_path / "xl-int4"
-    run_sdc("build", "--from", sdxl_build, "--precision", "int4", "--out", out)
-    m = read_manifest(out)
-    assert m["quantization"]["formats"] == {"text_encoder": "int8", "text_encoder_2": "int8",
-                                            "unet": "int4", "vae_decoder": "fp16",
-                                            "vae_encoder": "fp16"}
-    assert m["family"] == read_manifest(sdxl_build)["family"]
-    opts = dict(prompt=PROMPT, negative="blurry", steps=2, guidance=GUIDANCE, width=W, height=H,
-                latents=_latents(batch=1), provider="cpu")
-    a = np.asarray(run_pipeline(GenerateOptions(artifacts=sdxl_build, **opts)).images[0], float)
-    b = np.asarray(run_pipeline(GenerateOptions(artifacts=out, **opts)).images[0], float)
-    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
-    assert psnr > 20, psnr  # random tiny weights: a loose floor that a broken graph misses
+def _call(latents):
+    return dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE, width=W, height=H, latents=torch.from_numpy(latents))
+
+
+def _opts(latents):
+    return dict(prompt=PROMPT, negative="blurry", steps=STEPS, guidance=GUIDANCE, width=W,
+                height=H, latents=latents, provider="cpu")
