@@ -256,3 +256,13 @@ def _call(latents):
 def _opts(latents):
     return dict(prompt=PROMPT, negative="blurry", steps=STEPS, guidance=GUIDANCE, width=W,
                 height=H, latents=latents, provider="cpu")
+
+
+def test_trainers_refuse_sdxl_by_name(sdxl_folder, sd2_folders):
+    from sdc.errors import SdcError
+    from sdc.export.sources import resolve_model
+    from sdc.training.common import check_trainable
+
+    with pytest.raises(SdcError, match=r"SDXL model; `sdc train-lora` trains SD1.x and SD2.x"):
+        check_trainable(resolve_model(str(sdxl_folder)), "train-lora")
+    check_trainable(resolve_model(str(sd2_folders["epsilon"])), "train-lora")  # SD2: accepted

@@ -143,6 +143,16 @@ def prepare(cfg: CommonConfig, source: ModelSource, caption_of: Callable[[str], 
     return Prepared(source, device, prec, res, its, captions, latents, text, cache, noise)
 
 
+def check_trainable(source: ModelSource, what: str) -> None:
+    """The trainers drive a one-encoder UNet (SD1.x, SD2.x): an SDXL model is refused by name,
+    before anything is loaded."""
+    if source.spec.conditioning != "text" or len(source.spec.text_encoders) != 1:
+        raise SdcError(f"{source.path}: a {source.spec.title} model; `sdc {what}` trains SD1.x and "
+                       "SD2.x models (one text encoder, no added UNet conditioning) for now — "
+                       f"{source.spec.title} LoRAs and embeddings made elsewhere are fused by "
+                       "`sdc build --lora/--embedding`")
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import CLIPTokenizer
 

@@ -62,6 +62,7 @@ def train_embedding(cfg: EmbeddingConfig, resume: str | None = None,
         raise SdcError(f"--out {out}: folder {out.parent} does not exist; create it first")
     progress = progress or (lambda step, total, loss: None)
     source = resolve_model(cfg.model)
+    common.check_trainable(source, "train-embedding")
     base_hash = source.content_hash()
     if resume:  # a wrong checkpoint fails before minutes of loading and encoding
         common.check_checkpoint(Path(resume), {"base_model_sha256": base_hash,

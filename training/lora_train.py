@@ -67,6 +67,7 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
 
     check_trigger(read_folder(Path(cfg.data), cfg.instance_prompt), cfg.trigger)
     source = resolve_model(cfg.model)
+    common.check_trainable(source, "train-lora")
     base_hash = source.content_hash()
     if resume:  # a wrong checkpoint fails before minutes of loading and encoding
         common.check_checkpoint(Path(resume), {"base_model_sha256": base_hash, "kind": "lora"})
