@@ -122,7 +122,7 @@ def check_out(out: Path) -> list[str]:
             raise SdcError(f"--out {out} holds files that are not an sdc build; choose an empty or "
                            "new directory (sdc only replaces its own builds)")
         try:
-            listed = list(mf.load_manifest(out)["files"])
+            listed = list(mf.load_manifest(out, any_layout=True)["files"])
         except SdcError:
             listed = []  # unreadable manifest: everything but manifest.json counts as foreign
         store.refuse_foreign(out, listed)

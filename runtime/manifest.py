@@ -58,9 +58,11 @@ def _no_manifest(folder: Path) -> SdcError:
                     "none), run `sdc build` again")
 
 
-def load_manifest(folder: Path) -> dict:
+def load_manifest(folder: Path, any_layout: bool = False) -> dict:
     """Read folder/manifest.json and check it once: schema (every key readers use, typed) and
-    containment (every path it names stays inside `folder`). One-line SdcError on anything else."""
+    containment (every path it names stays inside `folder`). One-line SdcError on anything else.
+    `any_layout`: also read a build made before model families (to list the files a rebuild over
+    it replaces); everything that runs a build reads the current layout only."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -85,12 +87,17 @@ def load_manifest(folder: Path) -> dict:
     if version > FORMAT_VERSION:
         raise SdcError(f"{path}: manifest format {version} is newer than this sdc reads "
                        f"({FORMAT_VERSION}); upgrade sdc or rebuild with this version")
-    if "family" not in manifest:
+    if "family" not in manifest and not any_layout:
         raise SdcError(f"{path}: built by an older sdc (build layout {manifest.get('layout', '?')}, "
                        f"before model families); this sdc runs layout {FAMILY_LAYOUT} and later: "
                        "rebuild it with `sdc build --force`")
+    older = "family" not in manifest  # an older layout, read only for its files table
+    if older:
+        manifest = {**manifest, "family": {"name": "sd1", "roles": {}, "pipeline": [],
+                                           "conditioning": "text", "text_encoders": []}}
     check_manifest(manifest, str(path))
-    _check_family(manifest, path)
+    if not older:
+        _check_family(manifest, path)
     for rel in manifest["files"]:
         contained(folder, rel, "manifest files entry")
     needed = referenced_files(manifest)

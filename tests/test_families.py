@@ -266,3 +266,19 @@ def test_trainers_refuse_sdxl_by_name(sdxl_folder, sd2_folders):
     with pytest.raises(SdcError, match=r"SDXL model; `sdc train-lora` trains SD1.x and SD2.x"):
         check_trainable(resolve_model(str(sdxl_folder)), "train-lora")
     check_trainable(resolve_model(str(sd2_folders["epsilon"])), "train-lora")  # SD2: accepted
+
+
+def test_a_build_of_an_older_layout_is_rebuilt_in_place(sd2_folders, sd2_builds, tmp_path):
+    """`sdc build --force` over a build made before families replaces it (its files are sdc's,
+    listed by its manifest), rather than calling them foreign."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(sd2_builds["epsilon"], out)
+    m = read_manifest(out)
+    del m["family"]
+    m["layout"] = 5
+    (out / "manifest.json").write_text(json.dumps(m))
+    run_sdc("build", sd2_folders["epsilon"], "--precision", "fp32", "--out", out, "--force",
+            "--stages", "text_encoder")
+    assert "family" in read_manifest(out)
