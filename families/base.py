@@ -13,7 +13,7 @@ never the family modules' code paths, so the manifest stays the only build <-> r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +54,6 @@ class Family:
     configs: tuple[str, ...]
     # "text": encoder states only; "text_time": SDXL's pooled text_embeds and time_ids as well
     conditioning: str = "text"
-    notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for spec in self.specs:

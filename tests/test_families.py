@@ -162,18 +162,23 @@ def test_family_refusals(sdxl_folder, sd2_folders, tmp_path):
     assert proc.returncode != 0 and "text_encoder_2" in proc.stderr and "SD2.x" in proc.stderr
 
 
-def test_older_layout_is_told_to_rebuild(sd2_builds, tmp_path):
+def _older_layout_copy(build, out):
+    """A copy of `build` whose manifest looks as a layout-5 build's did (no family block)."""
     import shutil
 
+    shutil.copytree(build, out)
+    m = read_manifest(out)
+    del m["family"]
+    m["layout"] = 5
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def test_older_layout_is_told_to_rebuild(sd2_builds, tmp_path):
     from sdc.errors import SdcError
     from sdc.runtime.manifest import load_manifest
 
-    old = tmp_path / "old"
-    shutil.copytree(sd2_builds["epsilon"], old)
-    m = read_manifest(old)
-    del m["family"]
-    m["layout"] = 5
-    (old / "manifest.json").write_text(json.dumps(m))
+    old = _older_layout_copy(sd2_builds["epsilon"], tmp_path / "old")
     with pytest.raises(SdcError, match=r"older sdc \(build layout 5.*rebuild"):
         load_manifest(old)
 
@@ -271,14 +276,7 @@ def test_trainers_refuse_sdxl_by_name(sdxl_folder, sd2_folders):
 def test_a_build_of_an_older_layout_is_rebuilt_in_place(sd2_folders, sd2_builds, tmp_path):
     """`sdc build --force` over a build made before families replaces it (its files are sdc's,
     listed by its manifest), rather than calling them foreign."""
-    import shutil
-
-    out = tmp_path / "old"
-    shutil.copytree(sd2_builds["epsilon"], out)
-    m = read_manifest(out)
-    del m["family"]
-    m["layout"] = 5
-    (out / "manifest.json").write_text(json.dumps(m))
+    out = _older_layout_copy(sd2_builds["epsilon"], tmp_path / "old")
     run_sdc("build", sd2_folders["epsilon"], "--precision", "fp32", "--out", out, "--force",
             "--stages", "text_encoder")
     assert "family" in read_manifest(out)
