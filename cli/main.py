@@ -59,6 +59,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Component configs for a single-file checkpoint: a shipped set (sd15, sd21, "
                    "sd21-v for 768-v models, sdxl) or a diffusers folder; default: the family's "
                    "standard one (sd15, sd21, sdxl).")
+@click.option("--upscaler", type=click.Path(), default=None, metavar="DIR",
+              help="DeepFloyd IF: the stage II (IF-II) diffusers folder, built as unet_2 beside "
+                   "MODEL's T5 and stage I UNet.")
 @click.option("--stages", default=None,
               help="Comma-separated graphs to build (default: every stage of the model's family; "
                    "SD1/SD2: text_encoder,unet,vae_decoder,vae_encoder; SDXL adds text_encoder_2).")
@@ -74,7 +77,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Also cut the UNet into N sub-graphs by weight size, so `sdc run "
                    "--vram-budget` can run it below its weights' size, one chunk at a time.")
 def build(obj, model, precision, stage_precision, block_size, quality_target, sensitivities, out,
-          force, config, stages, loras, from_dir, embeddings, unet_chunks) -> None:
+          force, config, upscaler, stages, loras, from_dir, embeddings, unet_chunks) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or none = built-in) to ONNX + manifest."""
     from ..fusion.embeddings import parse_embedding_arg
     from ..fusion.fuse import parse_lora_arg
@@ -103,7 +106,7 @@ def build(obj, model, precision, stage_precision, block_size, quality_target, se
         from ..export.build import BuildOptions, build as run_build
 
         opts = BuildOptions(model=model, precision=precision or "fp16", out=out, force=force,
-                            config=config, unet_chunks=unet_chunks,
+                            config=config, upscaler=upscaler, unet_chunks=unet_chunks,
                             stage_precision=stage_precision, block_size=block_size,
                             quality_target=target, measure_all=sensitivities,
                             stages=tuple(s.strip() for s in stages.split(",") if s.strip())

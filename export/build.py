@@ -53,6 +53,7 @@ class BuildOptions:
     out: Path | None = None  # default: artifacts/<model name>-<precision>
     force: bool = False  # rebuild even when the build key matches
     config: str | None = None  # component configs for non-standard single-file checkpoints
+    upscaler: str | None = None  # DeepFloyd IF: the stage II (IF-II) folder, built as unet_2
     stages: tuple[str, ...] | None = None  # None: every stage of the model's family
     artifacts_root: Path = field(default_factory=lambda: Path("artifacts"))
     cancel: threading.Event | None = None  # set by the CLI's signal handler: stop at next step
@@ -322,7 +323,8 @@ def _graph_entry(spec, result: dict, dims: ModelDims, tmp: Path, files: dict) ->
         "precision": precision,
         "precision_reason": reason,
         **io,
-        "latent_multiple": dims.unet_multiple if spec.role == "denoise" else 1,
+        "latent_multiple": int(getattr(dims, spec.multiple)) if spec.role in ("denoise", "upscale")
+        else 1,
         "parity": result["parity"],
         "memory": result["memory"],
         "weights": result["weights"],
@@ -356,7 +358,9 @@ def _copy_tokenizers(source, tmp: Path, embeddings: list | None = None) -> None:
                      "special_tokens_map.json", "LICENSE"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tok / name)
-        if not (tok / "tokenizer.json").is_file():
+        if not (tok / "tokenizer.json").is_file() and encoder.kind == "t5":
+            _t5_tokenizer_json(src, tok)
+        elif not (tok / "tokenizer.json").is_file():
             # Older SD folders ship only vocab.json + merges.txt; the runtime's `tokenizers`
             # library reads tokenizer.json, which transformers' CLIP tokenizer writes from those.
             from transformers import CLIPTokenizer
@@ -366,6 +370,21 @@ def _copy_tokenizers(source, tmp: Path, embeddings: list | None = None) -> None:
             from ..fusion.torch_apply import add_tokens
 
             add_tokens(tok, embeddings, encoder.stage)
+
+
+def _t5_tokenizer_json(src: Path, tok: Path) -> None:
+    """IF downloads ship T5's sentencepiece model (spiece.model); the runtime reads the
+    `tokenizers` library's tokenizer.json, which transformers writes from it."""
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(src), use_fast=True).save_pretrained(str(tok))
+    except (OSError, ValueError, ImportError) as e:
+        raise SdcError(f"{src}: no tokenizer.json, and its T5 tokenizer could not be converted "
+                       f"({str(e).splitlines()[0][:120]}); add the tokenizer.json that "
+                       "T5TokenizerFast.save_pretrained writes") from None
+    if not (tok / "tokenizer.json").is_file():
+        raise SdcError(f"{src}: its tokenizer did not convert to tokenizer.json; add one")
 
 
 def _copy_scheduler(source, tmp: Path) -> dict:
@@ -385,6 +404,8 @@ OPTIMUM_PIPELINES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffu
 def _write_model_index(tmp: Path, family: Family, stages, scheduler_class: str | None) -> None:
     """Optimum's layout: a model_index.json naming each component folder and the build's real
     scheduler class (from its scheduler_config.json, not a fixed PNDM)."""
+    if family.name not in OPTIMUM_PIPELINES:  # no Optimum pipeline reads this family's layout
+        return
     index = {"_class_name": OPTIMUM_PIPELINES[family.name], "_sdc": "see manifest.json",
              "scheduler": ["diffusers", scheduler_class or "PNDMScheduler"]}
     for encoder in family.text_encoders:
@@ -476,9 +497,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     return _build_float(opts, log)
 
 
-def _check_stages(opts: BuildOptions, family: Family) -> None:
+def _check_stages(opts: BuildOptions, family: Family, optional: tuple = ()) -> None:
+    """`optional`: stages the model lacks a source for (IF's unet_2 without --upscaler), left out
+    of the default set and refused when asked for."""
     if opts.stages is None:
-        opts.stages = family.stages
+        opts.stages = tuple(s for s in family.stages if family.spec(s).component not in optional)
+    wanted = [s for s in opts.stages if s in family.stages
+              and family.spec(s).component in optional]
+    if wanted:
+        raise SdcError(f"--stages {', '.join(wanted)}: the stage II UNet comes from the IF-II "
+                       "folder; give it with --upscaler DIR, or build stage I alone "
+                       "(--stages text_encoder,unet)")
     unknown = [s for s in opts.stages if s not in family.stages]
     if unknown or not opts.stages:
         raise SdcError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} for "
@@ -502,9 +531,9 @@ def _build_float(opts: BuildOptions, log: Callable[[str], None] = print) -> Buil
     # Never reach a model hub: every config and tokenizer file is local or shipped.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
-    source = resolve_model(opts.model, opts.config)
+    source = resolve_model(opts.model, opts.config, opts.upscaler)
     try:
-        _check_stages(opts, source.spec)
+        _check_stages(opts, source.spec, source.optional_components())
         out = Path(opts.out) if opts.out else default_out(opts, source.name, opts.loras)
         out = out.absolute()
         listed = check_out(out)
@@ -559,6 +588,9 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         _check_cancel(opts)
     _copy_tokenizers(source, tmp, embeddings)
     scheduler = _copy_scheduler(source, tmp)
+    from .if_source import write_cascade
+
+    cascade = write_cascade(tmp, source) if "unet_2" in stages else None
     _write_model_index(tmp, family, stages, scheduler["class"])
     _write_component_configs(source, tmp, stages)
     files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
@@ -590,6 +622,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
         "model": model,
         "pipeline": [s for s in family.pipeline if s in stages],
         "scheduler": {"class": scheduler["class"], "config": "scheduler/scheduler_config.json"},
+        **({"cascade": cascade} if cascade else {}),
         "tokenizer": {"files": sorted(r for r in files if r.split("/")[0] in
                                       {e.tokenizer for e in family.text_encoders}),
                       "max_length": dims.max_sequence},

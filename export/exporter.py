@@ -56,6 +56,19 @@ class PenultimatePooledTextGraph(PenultimateTextGraph):
         return out.hidden_states[-2].float(), out.text_embeds.float()
 
 
+class T5Graph(torch.nn.Module):
+    """DeepFloyd IF's T5 encoder: token ids and their attention mask -> last hidden states."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids, attention_mask):
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                return_dict=True)
+        return out.last_hidden_state.float()
+
+
 class UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -75,6 +88,16 @@ class TextTimeUNetGraph(UNetGraph):
         cond = {"text_embeds": text_embeds.to(dt), "time_ids": time_ids.to(dt)}
         out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt),
                         added_cond_kwargs=cond, return_dict=False)[0]
+        return out.float()
+
+
+class ClassLabelsUNetGraph(UNetGraph):
+    """DeepFloyd IF stage II: the noise level of the upscaled image as `class_labels`."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels):
+        dt = self.unet.dtype
+        out = self.unet(sample.to(dt), timestep, encoder_hidden_states.to(dt),
+                        class_labels=class_labels, return_dict=False)[0]
         return out.float()
 
 
@@ -110,7 +133,9 @@ GRAPH_MODULES = {
     "clip_last": (TextEncoderGraph, "text_encoder."),
     "clip_penultimate": (PenultimateTextGraph, "text_encoder."),
     "clip_penultimate_pooled": (PenultimatePooledTextGraph, "text_encoder."),
+    "t5": (T5Graph, "text_encoder."),
     "unet": (UNetGraph, "unet."),
+    "unet_class_labels": (ClassLabelsUNetGraph, "unet."),
     "unet_text_time": (TextTimeUNetGraph, "unet."),
     "vae_decoder": (VaeDecoderGraph, "vae."),
     "vae_encoder": (VaeEncoderGraph, "vae."),

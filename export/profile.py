@@ -33,10 +33,11 @@ def profile_build(folder: Path, graphs: dict, model: dict, family: dict,
     baseline = None
     runtime_held = first_session = 0
     for stage, graph in graphs.items():
-        tokenizer = next((e["tokenizer"] for e in family["text_encoders"] if e["stage"] == stage),
-                         None)
+        encoder = next((e for e in family["text_encoders"] if e["stage"] == stage), {})
         job = {"folder": str(folder), "stage": stage, "graph": graph, "model": model,
-               "family": family["name"], "role": family["roles"][stage], "tokenizer": tokenizer}
+               "family": family["name"], "role": family["roles"][stage],
+               "tokenizer": encoder.get("tokenizer"),
+               "tokenizer_kind": encoder.get("kind", "clip")}
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
         try:

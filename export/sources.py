@@ -179,6 +179,11 @@ def detect_diffusers_family(folder: Path) -> str:
         known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes[:1])
         raise SdcError(f"{folder}: model_index.json names {cls}, expected one of {known}")
     family = matching[0]
+    if family.space == "pixel":
+        from .if_source import check_if_folder
+
+        check_if_folder(folder, family)
+        return family.name
     if family.name == "sdxl" and not (folder / "text_encoder" / "config.json").is_file() \
             and (folder / "text_encoder_2" / "config.json").is_file():
         raise SdcError(f"{folder}: SDXL refiner (text_encoder_2 only, aesthetic-score "
@@ -220,6 +225,9 @@ class ModelSource:
     _state_dict: dict | None = field(default=None, repr=False)  # loaded pickle (single_file .ckpt)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
     _hashes: dict | None = field(default=None, repr=False)
+    # components read from another folder than `path`: {component: (folder, subfolder)}
+    # (DeepFloyd IF's stage II UNet from the IF-II download given with --upscaler)
+    parts: dict = field(default_factory=dict)
 
     @property
     def builtin(self) -> bool:
@@ -253,6 +261,9 @@ class ModelSource:
             configs = sorted(self.config_dir.glob("*/*.json")) + [self.config_dir / "model_index.json",
                                                                    self.config_dir / MODEL_DEFAULTS_FILE]
             named += [(f"config:{f.relative_to(self.config_dir)}", f) for f in configs if f.is_file()]
+            for component, (root, sub) in sorted(self.parts.items()):  # --upscaler's files
+                extra = sorted((root / sub).iterdir()) + sorted(root.glob("*scheduler/*.json"))
+                named += [(f"{component}:{f.relative_to(root)}", f) for f in extra if f.is_file()]
             self._hashes = {rel: sha256_file(f) for rel, f in named}
         return self._hashes
 
@@ -280,9 +291,22 @@ class ModelSource:
     def dims(self) -> ModelDims:
         return self.spec.dims(self.configs())
 
+    def component_dir(self, component: str) -> tuple[Path, str]:
+        """(folder, subfolder) holding a component's weights and config.json."""
+        return self.parts.get(component, (self.config_dir, component))
+
     def configs(self) -> dict:
-        return {p: _read_config(self.config_dir / p / "config.json", self.config_dir)
-                for p in self.spec.components}
+        out = {}
+        for p in self.spec.components:
+            root, sub = self.component_dir(p)
+            if (root / sub / "config.json").is_file() or p not in self.optional_components():
+                out[p] = _read_config(root / sub / "config.json", root)
+        return out
+
+    def optional_components(self) -> tuple[str, ...]:
+        """Components a build may go without (IF's stage II, without --upscaler)."""
+        return tuple(c for c in self.spec.components if c in _UPSCALER_PARTS
+                     and c not in self.parts) if self.spec.space == "pixel" else ()
 
     def scheduler_config(self) -> dict:
         return _read_config(self.config_dir / "scheduler" / "scheduler_config.json", self.config_dir)
@@ -321,11 +345,12 @@ class ModelSource:
         cls = getattr(importlib.import_module(library), cls_name)
         if self.kind != "single_file":
             variant = self._variant(component)
+            root, sub = self.component_dir(component)
             if library == "transformers":
-                m, info = cls.from_pretrained(self.path / component, dtype=torch_dtype,
+                m, info = cls.from_pretrained(root / sub, dtype=torch_dtype,
                                               variant=variant, output_loading_info=True)
             else:
-                m, info = cls.from_pretrained(self.path, subfolder=component,
+                m, info = cls.from_pretrained(root, subfolder=sub,
                                               torch_dtype=torch_dtype, variant=variant,
                                               output_loading_info=True)
             # transformers 5 re-initialises weights whose shape does not fit the config, and both
@@ -358,7 +383,8 @@ class ModelSource:
 
     def _variant(self, component: str) -> str | None:
         """'fp16' for folders that ship only `*.fp16.safetensors` weights (a common download)."""
-        files = [p.name for p in (self.path / component).iterdir()]
+        root, sub = self.component_dir(component)
+        files = [p.name for p in (root / sub).iterdir()]
         plain = [f for f in files if f.endswith((".safetensors", ".bin")) and f.count(".") == 1]
         return "fp16" if not plain and any(".fp16." in f for f in files) else None
 
@@ -378,10 +404,18 @@ class ModelSource:
             self._tmp = None
 
 
-def _diffusers_weight_files(folder: Path, family: Family | None = None) -> list[Path]:
+_UPSCALER_PARTS = ("unet_2",)
+
+
+def _diffusers_weight_files(folder: Path, family: Family | None = None,
+                            parts: dict | None = None) -> list[Path]:
     family = family or family_of("sd1")
     files = []
     for part in family.components:
+        if part in (parts or {}):
+            continue  # hashed with its own folder (ModelSource.file_hashes)
+        if part in _UPSCALER_PARTS and family.space == "pixel":
+            continue
         found = sorted(p for p in (folder / part).iterdir()
                        if p.suffix in (".safetensors", ".bin") and p.is_file())
         if not found:
@@ -430,7 +464,8 @@ def config_folder(config: str, family: Family) -> Path:
     return folder
 
 
-def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
+def resolve_model(model: str | None, config: str | None = None,
+                  upscaler: str | None = None) -> ModelSource:
     """Turn the MODEL argument into a validated ModelSource (raises SdcError on bad input).
 
     `config` is a shipped config set's name or a diffusers-format folder of component configs,
@@ -453,8 +488,14 @@ def resolve_model(model: str | None, config: str | None = None) -> ModelSource:
             raise SdcError(f"{path}: not a diffusers model folder (no model_index.json); expected a "
                            "diffusers model folder or a single-file checkpoint")
         family = detect_diffusers_family(path)
+        parts = {}
+        if upscaler is not None or family_of(family).space == "pixel":
+            from .if_source import upscaler_parts
+
+            parts = upscaler_parts(upscaler, family_of(family))
         return ModelSource("diffusers", path.resolve(), path.resolve().name, family, path.resolve(),
-                           _diffusers_weight_files(path.resolve(), family_of(family)))
+                           _diffusers_weight_files(path.resolve(), family_of(family), parts),
+                           parts=parts)
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise SdcError(f"{path}: unknown model file type '{path.suffix}'; expected .safetensors or "
                        ".ckpt (or a diffusers folder)")

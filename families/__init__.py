@@ -1,4 +1,4 @@
-"""Model families (torch-free): sd1, sd2, sdxl. See families/base.py."""
+"""Model families (torch-free): sd1, sd2, sdxl, deepfloyd. See families/base.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from .sd1 import SD1  # noqa: F401 - the default family (sdc-tiny, SD1.x)
 from .graph_spec import ROLES, GraphSpec, ModelDims, TensorSpec  # noqa: F401
 from .sd2 import SD2
 from .sdxl import SDXL
+from .deepfloyd import DEEPFLOYD
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, DEEPFLOYD)}
 
 
 def family(name: str) -> Family:

@@ -30,6 +30,8 @@ class TextEncoder:
     tokenizer: str  # the tokenizer folder, in the model folder and in the build
     states: str  # the output holding per-token states (concatenated on the last axis)
     pooled: str | None = None  # the output holding a pooled vector (SDXL's text_embeds)
+    kind: str = "clip"  # the tokenizer's kind: "clip" (BOS ... EOS, padded) or "t5" (... </s>)
+    mask: str | None = None  # the graph input taking the attention mask (T5), if any
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Family:
     configs: tuple[str, ...]
     # "text": encoder states only; "text_time": SDXL's pooled text_embeds and time_ids as well
     conditioning: str = "text"
+    # "latent": denoise latents, decode with a VAE; "pixel": a cascade denoising pixels
+    # (DeepFloyd IF), whose last denoiser's output is the image
+    space: str = "latent"
 
     def __post_init__(self):
         for spec in self.specs:
@@ -85,6 +90,8 @@ class Family:
         return tuple(s.stage for s in self.specs if s.role != "encode_image")
 
     def config_dir(self, name: str | None = None) -> Path:
+        if not (name or self.configs):
+            raise AssertionError(f"{self.name} ships no config set")
         return DATA / (name or self.configs[0])
 
     def describe(self, stages, zero_empty_negative: bool = False) -> dict:
@@ -95,9 +102,12 @@ class Family:
             "roles": {s.stage: s.role for s in self.specs if s.stage in stages},
             "pipeline": list(self.pipeline),  # a text-to-image run's stages, built or not
             "text_encoders": [{"stage": t.stage, "tokenizer": t.tokenizer, "states": t.states,
-                               **({"pooled": t.pooled} if t.pooled else {})}
+                               **({"pooled": t.pooled} if t.pooled else {}),
+                               **({"kind": t.kind} if t.kind != "clip" else {}),
+                               **({"mask": t.mask} if t.mask else {})}
                               for t in self.text_encoders],
             "conditioning": self.conditioning,
+            **({"space": self.space} if self.space != "latent" else {}),
             # SDXL's pipelines encode an empty negative prompt as zeros (model_index.json's
             # force_zeros_for_empty_prompt), not as the encoded empty string
             "zero_empty_negative": bool(zero_empty_negative),

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # What a stage does in the pipeline; the runtime, planner and memory profiler dispatch on it.
-ROLES = ("text", "denoise", "decode", "encode_image")
+# "upscale": a cascade's super-resolution denoiser (DeepFloyd IF stage II), conditioned on the
+# previous stage's image as well as the text.
+ROLES = ("text", "denoise", "upscale", "decode", "encode_image")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class ModelDims:
     pooled_size: int | None = None  # its pooled projection (SDXL's text_embeds, 1280)
     cross_attention_dim: int | None = None  # the UNet's context width when not hidden_size (2048)
     time_ids: int | None = None  # SDXL's micro-conditioning: original size, crop, target size (6)
+    # Pixel cascades (DeepFloyd IF): the super-resolution stage's size over stage I's (4: 64 ->
+    # 256 px); None elsewhere.
+    upscale_factor: int | None = None
+    upscale_multiple: int | None = None  # sizes the super-resolution UNet takes are multiples
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -96,6 +102,8 @@ class GraphSpec:
     # LoRA-targetable weights (Linear, 1x1 Conv) as overridable inputs: a warm runtime binds an
     # adapter's fused weights instead of creating a session per adapter (export/adapter_slots.py)
     adapter_slots: bool = False
+    # the ModelDims constant the graph's spatial sizes are multiples of (parity cases, traces)
+    multiple: str = "unet_multiple"
     fp32_max_rel: float = 1e-4  # max|onnx - torch| / max|torch|; exporter noise is ~1e-6
     fp16_min_psnr: float = 35.0  # dB vs the fp32 torch output; Apple's conversion gate
     description: str = ""
@@ -107,7 +115,7 @@ class GraphSpec:
         specialised to a constant by the exporter. Parity runs one square case at batch 2 and one
         non-square case at batch 1, so a graph that only works at its trace shape is caught.
         """
-        m = dims.unet_multiple
+        m = int(getattr(dims, self.multiple))
         f = dims.vae_scale_factor
         lat = {
             "trace": (2, 2 * m, 3 * m),
@@ -124,9 +132,17 @@ class GraphSpec:
         return cases
 
     def input_shape(self, spec: TensorSpec, dims: ModelDims, case: dict) -> tuple[int, ...]:
-        consts = dims.as_dict()
-        return tuple(d if isinstance(d, int) else case[d] if d in case else int(consts[d])
-                     for d in spec.shape)
+        consts = {**dims.as_dict(), **case}
+        out = []
+        for d in spec.shape:
+            if isinstance(d, int):
+                out.append(d)
+                continue
+            n = 1
+            for factor in d.split("*"):  # "latent_channels*2": products of names and numbers
+                n *= int(factor) if factor.isdigit() else int(consts[factor])
+            out.append(n)
+        return tuple(out)
 
     def dummy_inputs(self, dims: ModelDims, case: dict, seed: int = 0) -> dict[str, np.ndarray]:
         """Deterministic inputs in the value ranges the pipeline feeds each graph."""
@@ -136,7 +152,10 @@ class GraphSpec:
             shape = self.input_shape(spec, dims, case)
             if spec.name == "input_ids":
                 feeds[spec.name] = rng.integers(0, dims.vocab_size, size=shape, dtype=np.int64)
-            elif spec.name == "timestep":
+            elif spec.name == "attention_mask":  # T5: a run of real tokens, then padding
+                lengths = rng.integers(1, shape[1] + 1, size=shape[0])
+                feeds[spec.name] = (np.arange(shape[1])[None] < lengths[:, None]).astype(np.int64)
+            elif spec.name in ("timestep", "class_labels"):  # class_labels: IF's noise level
                 feeds[spec.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
             elif spec.name == "time_ids":  # sizes and crop offsets in pixels
                 feeds[spec.name] = rng.uniform(0, 1024, size=shape).round().astype(np.float32)

@@ -168,6 +168,8 @@ def profile(job: dict) -> dict:
 
     free_memory()
     lats = reference_latents(model)
+    if role == "upscale":  # a cascade's super-resolution stage runs at factor x stage I's size
+        lats = [lat * int(model["upscale_factor"]) for lat in lats]
     level = rss_bytes()
     # Warm-up: a process's first session also sets up onnxruntime itself (environment, thread
     # pools, kernel registries), which stays resident afterwards. Measured here once and kept out
@@ -179,11 +181,12 @@ def profile(job: dict) -> dict:
               "units": {}}
     if role == "text":
         from .store import check_relative
-        from .tokenizer import PromptTokenizer
+        from .tokenizer import make_tokenizer
 
         with _Unit() as u:  # what the run holds beside the graphs: the tokenizer
             check_relative(job["tokenizer"], "the stage's tokenizer", folder)
-            tok = PromptTokenizer(folder / job["tokenizer"], model["max_sequence"])
+            tok = make_tokenizer(folder / job["tokenizer"], model["max_sequence"],
+                                 job.get("tokenizer_kind", "clip"))
             tok(["a photo of a cat", ""])
             result["runtime_held_bytes"] = u.result()["held"]
         points = [{"batch": b} for b in (1, 4)]

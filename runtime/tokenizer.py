@@ -20,6 +20,7 @@ from .store import read_json_object
 class Tokenized:
     ids: np.ndarray  # int64 [len(prompts), max_length]
     truncated: list[str]  # per prompt: the text that did not fit ("" when nothing was cut)
+    mask: np.ndarray | None = None  # int64 attention mask (T5); None for CLIP
 
 
 class PromptTokenizer:
@@ -63,3 +64,51 @@ class PromptTokenizer:
             row = [self.bos, *ids, self.eos]
             rows.append(row + [self.pad] * (self.max_length - len(row)))
         return Tokenized(np.array(rows, dtype=np.int64), cut)
+
+
+class T5PromptTokenizer:
+    """Prompt -> T5 token ids and attention mask, as diffusers' IF pipelines tokenize: the
+    pieces, `</s>`, then `<pad>` up to 77 (`padding="max_length", truncation=True`), with a mask
+    of 1 over the pieces and `</s>`. A longer prompt keeps its first 76 pieces and `</s>`."""
+
+    def __init__(self, folder: Path, max_length: int = 77):
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
+        self.max_length = max_length
+        vocab = self._tok.get_vocab()
+        missing = [t for t in ("</s>", "<pad>") if t not in vocab]
+        if missing:
+            raise SdcError(f"{path}: not a T5 tokenizer (no {', '.join(missing)} token); rebuild "
+                           "the artifacts")
+        self.eos, self.pad = vocab["</s>"], vocab["<pad>"]
+
+    def __call__(self, prompts: list[str]) -> Tokenized:
+        rows, masks, cut = [], [], []
+        room = self.max_length - 1
+        for p in prompts:
+            enc = self._tok.encode(p, add_special_tokens=False)
+            ids = enc.ids
+            if len(ids) > room:
+                cut.append(p[enc.offsets[room][0]:])
+                ids = ids[:room]
+            else:
+                cut.append("")
+            row = [*ids, self.eos]
+            masks.append([1] * len(row) + [0] * (self.max_length - len(row)))
+            rows.append(row + [self.pad] * (self.max_length - len(row)))
+        return Tokenized(np.array(rows, dtype=np.int64), cut, np.array(masks, dtype=np.int64))
+
+
+def make_tokenizer(folder: Path, max_length: int, kind: str = "clip"):
+    """The runtime tokenizer of a family's text encoder (manifest `text_encoders[].kind`)."""
+    if kind == "t5":
+        return T5PromptTokenizer(folder, max_length)
+    if kind != "clip":
+        raise SdcError(f"{folder}: tokenizer kind {kind!r} is not one this sdc reads (clip, t5); "
+                       "upgrade sdc or rebuild")
+    return PromptTokenizer(folder, max_length)
