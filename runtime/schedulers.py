@@ -13,16 +13,24 @@ a diffusers `scheduler_config.json` dict with the semantics of `<DiffusersClass>
     dpmpp-2m           DPMSolverMultistepScheduler    (dpmsolver++, solver_order 2)
     dpmpp-2m-karras    DPMSolverMultistepScheduler    (same, use_karras_sigmas=True)
     lms                LMSDiscreteScheduler           (Lagrange coefficients integrated exactly)
+    ddpm               DDPMScheduler                  (stochastic: step() needs `noise` where t > 0;
+                                                       all six variance types incl. learned_range,
+                                                       dynamic thresholding: DeepFloyd IF)
 
 Config semantics: keys present in the dict override, keys absent take that class's own defaults
 (defaults differ per class, e.g. timestep_spacing), keys the class does not know are ignored, and
-keys listed in `_use_default_values` are dropped, as diffusers' ConfigMixin does. Options this
-runtime does not implement (thresholding, exponential/beta/lu/flow sigmas, s_churn, ...) raise
-`SchedulerError` (a ValueError) when set to a non-default value instead of being ignored.
+keys listed in `_use_default_values` are dropped, as diffusers' ConfigMixin does. Keyword
+overrides, `make_scheduler(name, config, variance_type="fixed_small")`, win over the dict like
+`from_config(cfg, **kwargs)` (that one is how DeepFloyd IF LoRAs are sampled). Options this
+runtime does not implement (thresholding outside ddpm, exponential/beta/lu/flow sigmas, s_churn,
+...) raise `SchedulerError` (a ValueError) when set to a non-default value instead of being
+ignored.
 
 Precision: the schedule tables are quantized to float32 exactly where diffusers keeps them in
 float32 (betas, alphas, sigma schedules), so both sides start from the same numbers; everything
-applied to samples is computed in float64 and returned in the sample's dtype.
+applied to samples is computed in float64 and returned in the sample's dtype. DDPM also rounds
+alpha_bar and each step's alpha and beta to float32 as the reference holds them: near t = 0 they
+are 1 - (something ~1e-4 from 1), where that rounding alone moves a sample by 2e-5 to 4e-5.
 
 Usage (the pipeline's loop):
 
@@ -185,7 +193,7 @@ class Scheduler:
     _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     _ZERO_SNR_FLOOR: ClassVar[bool] = False
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
         if config is not None and not isinstance(config, Mapping):
             raise SchedulerError(f"scheduler config: expected a JSON object, found "
                                  f"{type(config).__name__}; rebuild the artifacts")
@@ -194,6 +202,13 @@ class Scheduler:
         # they must take this class's defaults instead (diffusers' extract_init_dict).
         for key in raw.pop("_use_default_values", None) or ():
             raw.pop(key, None)
+        # Keyword overrides (from_config's kwargs) come from the caller, not the build: an unknown
+        # one is a bug to report, not a foreign key to ignore. The CLI name's _FORCED still wins.
+        unknown = sorted(set(overrides) - set(self._DEFAULTS))
+        if unknown:
+            raise SchedulerError(f"scheduler {self.name!r} ({self.diffusers_class}) has no option "
+                                 f"{', '.join(unknown)}")
+        raw.update(overrides)
         self._raw_config = MappingProxyType(raw)
         self.config = MappingProxyType({**self._DEFAULTS,
                                         **{k: v for k, v in raw.items() if k in self._DEFAULTS},
@@ -324,7 +339,7 @@ class Scheduler:
 
 
 class _AlphaScheduler(Scheduler):
-    """DDIM and PNDM: integer timesteps index alphas_cumprod directly; no step index."""
+    """DDIM, PNDM and DDPM: integer timesteps index alphas_cumprod directly; no step index."""
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
         t = np.atleast_1d(np.asarray(timestep)).astype(np.int64)
@@ -388,8 +403,8 @@ class _SigmaScheduler(_IndexedScheduler):
     """k-diffusion style (Euler, Euler ancestral, LMS): x = x0 + sigma * eps, the UNet input is
     scaled by 1/sqrt(sigma^2 + 1), and the initial noise is scaled up to sigma_max."""
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]])
 
     @property
@@ -435,7 +450,7 @@ class _SigmaScheduler(_IndexedScheduler):
 
 
 # --------------------------------------------------------------------------------------------
-# The seven schedulers
+# The eight schedulers
 # --------------------------------------------------------------------------------------------
 
 class DDIM(_AlphaScheduler):
@@ -591,6 +606,185 @@ class PNDM(_AlphaScheduler):
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * out / denom
 
 
+class DDPM(_AlphaScheduler):
+    """Ancestral sampling (Ho et al. 2020): the mean of the posterior q(x_{t-1} | x_t, x0) at the
+    model's x0, plus noise of a fixed or learned (Nichol & Dhariwal 2021) variance; the x0
+    estimate optionally goes through dynamic thresholding (Saharia et al. 2022). DeepFloyd IF's
+    scheduler: learned_range variance, thresholding at the 0.95 quantile.
+
+    A model with a learned variance outputs twice the sample's channels: the first half is the
+    prediction, the second the variance (learned: the variance itself; learned_range: v in
+    [-1, 1] interpolating log-variance between the posterior's and beta's). step() takes such an
+    output whatever variance_type is; a fixed variance type uses the first half only, as
+    diffusers' IF pipelines split it off (that is how variance_type="fixed_small" samples a
+    learned-variance model). Noise is added where the timestep is above 0, which is where the
+    reference draws it: step() needs `noise` there and ignores it at t = 0."""
+
+    name = "ddpm"
+    diffusers_class = "DDPMScheduler"
+    stochastic = True
+    _DEFAULTS = _defaults(variance_type="fixed_small", clip_sample=True, thresholding=False,
+                          dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
+                          sample_max_value=1.0, timestep_spacing="leading",
+                          rescale_betas_zero_snr=False)
+    _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+    _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                       "learned", "learned_range")
+    _LEARNED = ("learned", "learned_range")
+
+    def needs_noise(self, timestep) -> bool:
+        """Whether step() at `timestep` adds noise (the loop draws it only then, as diffusers
+        does, so the generators' sequences stay aligned)."""
+        return int(round(float(timestep))) > 0
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        # step() reads alpha_bar from the reference's float32 table: near t = 0 the posterior's
+        # coefficients divide by 1 - alpha_bar ~ 1e-4, where float32 rounding of alpha_bar is
+        # 1e-4 relative, so the rounding itself must be shared (2e-5 off a unit sample at t = 1
+        # otherwise). Rounding the float64 product gives the reference's table bit for bit for
+        # squaredcos_cap_v2 (IF); add_noise rounds the same way for every alpha scheduler.
+        self.alphas_cumprod = _f32(self.alphas_cumprod)
+
+    def _validate(self) -> None:
+        super()._validate()
+        cfg = self.config
+        if cfg["variance_type"] not in self._VARIANCE_TYPES:
+            raise self._refuse("variance_type", cfg["variance_type"],
+                               ", ".join(self._VARIANCE_TYPES))
+        ratio = cfg["dynamic_thresholding_ratio"]
+        if not 0.0 <= ratio <= 1.0:
+            raise SchedulerError(f"scheduler config: dynamic_thresholding_ratio={ratio!r}, "
+                                 "expected a quantile in [0, 1]; rebuild the artifacts")
+        for key in ("sample_max_value", "clip_sample_range"):
+            if not cfg[key] > 0:
+                raise SchedulerError(f"scheduler config: {key}={cfg[key]!r}, expected a number "
+                                     "> 0; rebuild the artifacts")
+
+    # The same spacing rules as DDIM (and the same n <= num_train_timesteps limit).
+    _set_schedule = DDIM._set_schedule
+
+    def _transition(self, timestep) -> tuple[int, int]:
+        """(t, prev_t): prev_t is the next timestep of the schedule, -1 after the last (the
+        reference's previous_timestep; not t - n_train // n, which differs for linspace and
+        trailing spacings)."""
+        hits = np.flatnonzero(self.timesteps == np.float32(timestep))
+        if len(hits) == 0:
+            raise SchedulerError(f"timestep {timestep!r} is not one of this scheduler's timesteps")
+        i = int(hits[0])
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        return int(self.timesteps[i]), prev_t
+
+    def _split(self, model_output: np.ndarray,
+               sample: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(prediction, predicted variance or None) from a C- or 2C-channel model output."""
+        out, kind = model_output.astype(np.float64), self.config["variance_type"]
+        c = sample.shape[1] if sample.ndim >= 2 else 0
+        if not (c and out.ndim == sample.ndim and out.shape[0] == sample.shape[0]
+                and out.shape[2:] == sample.shape[2:] and out.shape[1] in (c, 2 * c)):
+            raise SchedulerError(f"ddpm: model output of shape {model_output.shape} for a sample "
+                                 f"of shape {sample.shape}: expected the sample's shape, or twice "
+                                 "its channels (dim 1) with the variance in the second half")
+        if out.shape[1] == c:
+            if kind in self._LEARNED:
+                raise SchedulerError(f"ddpm: variance_type={kind!r} needs the model's variance: "
+                                     f"an output with 2 x {c} channels, got {c}; use "
+                                     "variance_type='fixed_small' to sample without it")
+            return out, None
+        return out[:, :c], (out[:, c:] if kind in self._LEARNED else None)
+
+    def _threshold(self, x0: np.ndarray) -> np.ndarray:
+        """Dynamic thresholding: per sample, s = the ratio-quantile of |x0| clamped to
+        [1, sample_max_value]; x0 is clipped to [-s, s] and divided by s."""
+        flat = np.abs(x0.reshape(x0.shape[0], -1))
+        n = flat.shape[1]
+        # torch.quantile's linear interpolation with its float32 rank q * (n - 1) and its lerp
+        # (numpy's own quantile takes the rank in float64: 5e-6 off the reference at n = 12288)
+        rank = np.float32(self.config["dynamic_thresholding_ratio"]) * np.float32(n - 1)
+        lo = int(rank)
+        hi = min(lo + 1, n - 1)
+        w = float(rank) - lo
+        part = np.partition(flat, (lo, hi), axis=1)
+        below, above = part[:, lo], part[:, hi]
+        q = below + w * (above - below) if w < 0.5 else above - (above - below) * (1.0 - w)
+        # min(max(q, 1), max_value): torch.clamp's order, so a max_value below 1 wins
+        s = _broadcast_to(np.minimum(np.maximum(q, 1.0), self.config["sample_max_value"]),
+                          x0.ndim)
+        return np.clip(x0, -s, s) / s
+
+    def _noise_scale(self, a_t: float, a_prev: float, beta: float,
+                     predicted_variance: np.ndarray | None):
+        """Standard deviation of the noise added to the posterior mean (a float or an array)."""
+        kind = self.config["variance_type"]
+        # the posterior variance, clamped (as the reference) because its log is taken
+        small = max((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20)
+        if kind in ("fixed_small", "fixed_small_log"):
+            return small**0.5  # fixed_small_log: exp(log(var) / 2), the same number
+        if kind in ("fixed_large", "fixed_large_log"):
+            # fixed_large_log ("Glide max_log") is the log-variance log(beta), i.e. std sqrt(beta).
+            # The reference takes sqrt(log(beta)) instead: NaN on every noised step.
+            return beta**0.5
+        if kind == "learned":
+            return np.sqrt(predicted_variance)  # the model predicts the variance itself
+        frac = (predicted_variance + 1.0) / 2.0  # learned_range
+        with np.errstate(divide="ignore"):
+            max_log, min_log = np.log(beta), math.log(small)
+        return np.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        # No set_timesteps() needed: DeepFloyd IF stage II noises its upscaled input this way
+        # (noise_level 250) with a scheduler of its own.
+        try:
+            t = np.atleast_1d(np.asarray(timestep))
+        except (TypeError, ValueError):  # ragged
+            t = np.zeros(0)
+        t = t.astype(np.float64) if t.dtype.kind in "iuf" else np.zeros(0)
+        with np.errstate(invalid="ignore"):
+            ok = t.size and np.all((0 <= t) & (t < self.num_train_timesteps) & (t == np.round(t)))
+        if not ok:
+            raise SchedulerError(f"ddpm add_noise: timestep {timestep!r}, expected integers 0.."
+                                 f"{self.num_train_timesteps - 1}")
+        return super().add_noise(original, noise, t)
+
+    def step(self, model_output, timestep, sample, noise=None):
+        self._check_ready()
+        t, prev_t = self._transition(timestep)
+        out, predicted_variance = self._split(model_output, sample)
+        if t > 0 and noise is None:
+            raise SchedulerError(f"ddpm is stochastic: step() at t={t} needs `noise`, a standard "
+                                 "normal array shaped like the sample (only t = 0 adds none)")
+        if t > 0 and np.shape(noise) != sample.shape:
+            raise SchedulerError(f"ddpm: noise of shape {np.shape(noise)} for a sample of shape "
+                                 f"{sample.shape}; expected the sample's shape")
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+        b_t, b_prev = 1.0 - a_t, 1.0 - a_prev
+        # alpha and beta of this (possibly multi-training-step) transition, rounded to float32 as
+        # the reference holds them: beta = 1 - alpha cancels down to ~4e-4 near t = 0, where its
+        # float32 rounding is 1e-4 relative and moves a unit sample by 4e-5 (IF, 100 steps)
+        alpha = float(_f32(a_t / a_prev))
+        beta = float(_f32(1.0 - alpha))
+        x = sample.astype(np.float64)
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0 = (x - b_t**0.5 * out) / a_t**0.5
+        elif kind == "v_prediction":
+            x0 = a_t**0.5 * x - b_t**0.5 * out
+        else:  # "sample"
+            x0 = out
+        if self.config["thresholding"]:  # wins over clip_sample, as in the reference
+            x0 = self._threshold(x0)
+        elif self.config["clip_sample"]:
+            limit = self.config["clip_sample_range"]
+            x0 = np.clip(x0, -limit, limit)
+        # the posterior mean, formula (7) of Ho et al.
+        prev = (a_prev**0.5 * beta / b_t) * x0 + (alpha**0.5 * b_prev / b_t) * x
+        if t > 0:
+            scale = self._noise_scale(a_t, a_prev, beta, predicted_variance)
+            prev = prev + scale * np.asarray(noise, dtype=np.float64)
+        return prev.astype(_out_dtype(sample))
+
+
 class EulerDiscrete(_SigmaScheduler):
     """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, s_churn = 0)."""
 
@@ -677,8 +871,8 @@ class LMSDiscrete(_SigmaScheduler):
     _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
     _MAX_ORDER = 4
 
-    def __init__(self, config: Mapping[str, Any] | None = None):
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any] | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
         # The reference schedules all training steps at construction; mirror it so that
         # init_noise_sigma and the tables agree before set_timesteps().
         self.set_timesteps(self.num_train_timesteps)
@@ -864,15 +1058,17 @@ class DPMSolverPP2MKarras(DPMSolverPP2M):
 
 SCHEDULERS: Mapping[str, type[Scheduler]] = MappingProxyType({
     cls.name: cls for cls in (DDIM, PNDM, EulerDiscrete, EulerAncestral, DPMSolverPP2M,
-                              DPMSolverPP2MKarras, LMSDiscrete)
+                              DPMSolverPP2MKarras, LMSDiscrete, DDPM)
 })
 
 
-def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
-    """The scheduler called `name` (a CLI name), configured like diffusers' from_config(config)."""
+def make_scheduler(name: str, config: Mapping[str, Any] | None = None,
+                   **overrides: Any) -> Scheduler:
+    """The scheduler called `name` (a CLI name), configured like diffusers'
+    from_config(config, **overrides): e.g. variance_type="fixed_small" for DeepFloyd IF LoRAs."""
     try:
         cls = SCHEDULERS[name]
     except (KeyError, TypeError):
         raise SchedulerError(f"unknown scheduler {name!r}; choose one of "
                              f"{', '.join(SCHEDULERS)}") from None
-    return cls(config)
+    return cls(config, **overrides)
