@@ -186,10 +186,20 @@ _INT, _FLOAT = _Number(int), _Number(float)
 @click.option("--stage-provider", "stage_providers", default=None, metavar="STAGE=P,...",
               help="Per-stage providers over --provider, e.g. vae_decoder=cpu: the VAE in host "
                    "memory, outside --vram-budget (the planner reports its peak apart).")
+@click.option("--stages", "cascade", default=None, metavar="I|II",
+              help="DeepFloyd IF: I stops after stage I (64 px), II runs stage II on "
+                   "[default: every stage the build has].")
+@click.option("--upscale-steps", type=_INT, default=None,
+              help="DeepFloyd IF: stage II's denoising steps [default: 50].")
+@click.option("--upscale-guidance", type=_FLOAT, default=None,
+              help="DeepFloyd IF: stage II's guidance [default: 4].")
+@click.option("--noise-level", type=_INT, default=None,
+              help="DeepFloyd IF: the noise level stage I's upscaled image gets, 0-999 [default: 250].")
 @click.pass_obj
 def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, scheduler, batch,
         provider, latents, init_image, strength, vae_tile, out, no_verify, threads, lora_dir, loras,
-        quiet, vram_budget, plan_only, cfg_split, stage_providers) -> None:
+        quiet, vram_budget, plan_only, cfg_split, stage_providers, cascade, upscale_steps,
+        upscale_guidance, noise_level) -> None:
     """Generate images for PROMPT from a build (torch-free)."""
     from ..runtime.memory import fmt_bytes
     from ..runtime.outputs import SaveInterrupted, check_out, output_paths, save_images
@@ -201,7 +211,9 @@ def run(obj, prompt, artifacts, negative, steps, guidance, seed, width, height, 
                            init_image=init_image, strength=strength, verify=not no_verify,
                            vae_tile=vae_tile, loras=loras, lora_dir=lora_dir,
                            vram_budget=vram_budget, cfg_split=cfg_split, threads=threads,
-                           stage_providers=stage_providers)
+                           stage_providers=stage_providers, cascade=cascade,
+                           upscale_steps=upscale_steps, upscale_guidance=upscale_guidance,
+                           noise_level=noise_level)
     if plan_only:
         plan, _, _ = plan_run(opts)
         if plan is None:

@@ -396,6 +396,11 @@ def _copy_scheduler(source, tmp: Path) -> dict:
                                                                              "epsilon")}
 
 
+# generation defaults a family's pipelines use (a model folder's sdc.json overrides them):
+# DeepFloyd IF's IFPipeline (100 steps, guidance 7) and IFSuperResolutionPipeline (50, 4)
+FAMILY_DEFAULTS = {"deepfloyd": {"steps": 100, "guidance": 7.0, "upscale_steps": 50,
+                                 "upscale_guidance": 4.0}}
+
 # Optimum's pipeline class for each family's build folder
 OPTIMUM_PIPELINES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
                      "sdxl": "ORTStableDiffusionXLPipeline"}
@@ -512,6 +517,10 @@ def _check_stages(opts: BuildOptions, family: Family, optional: tuple = ()) -> N
     if unknown or not opts.stages:
         raise SdcError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'} for "
                        f"{family.title}; expected some of {', '.join(family.stages)}")
+    if opts.unet_chunks not in (0, 1) and family.space == "pixel":
+        raise SdcError(f"--unet-chunks: not built for {family.title} yet (its UNets run whole; "
+                       "put the T5 encoder on the CPU with `sdc run --stage-provider "
+                       "text_encoder=cpu` to keep it out of the device budget)")
     if opts.unet_chunks not in (0, 1):
         from .unet_chunks import MAX_CHUNKS
 
@@ -616,7 +625,7 @@ def _build_into(tmp: Path, source, source_hash: str, key: str, versions: dict, o
             "sha256": source_hash, "a1111_hash": source.a1111_hash(),
             "builtin": source.builtin, "note": source.note,
         },
-        "defaults": source.defaults(),
+        "defaults": {**FAMILY_DEFAULTS.get(family.name, {}), **source.defaults()},
         "precision": opts.precision,
         "family": family_block,
         "model": model,

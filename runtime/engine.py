@@ -71,6 +71,9 @@ class Job:
     latents: np.ndarray | None  # given initial noise, checked against the request's shape
     specs: list  # fusion.fuse.LoraSpec, from --lora and <lora:...> tags
     placement: dict = field(default_factory=dict)  # {stage: provider} over the Engine's provider
+    # pixel cascades (DeepFloyd IF): the denoising stages run, and the images' size
+    cascade: list = field(default_factory=list)
+    out_size: tuple | None = None
 
 
 @dataclass
@@ -224,7 +227,14 @@ class Engine:
         from .placement import parse_stage_providers
 
         placement = parse_stage_providers(opts.stage_providers, self.manifest["graphs"])
-        return Job(opts, text, width, height, sched_name, plan, init, given, specs, placement)
+        cascade, out_size = [], None
+        if self.manifest["family"].get("space") == "pixel":
+            from .cascade import cascade_stages, output_size
+
+            cascade = cascade_stages(self.manifest, opts.cascade)
+            out_size = output_size(self.manifest, cascade, width, height)
+        return Job(opts, text, width, height, sched_name, plan, init, given, specs, placement,
+                   cascade, out_size)
 
     def generate(self, opts: GenerateOptions, log=None, progress=None, observe=None,
                  should_stop=None) -> GenerateResult:
@@ -277,11 +287,17 @@ class Engine:
             self._timed(run, "lora", t0)  # hashing known files + a cache hit, or the fusion
         self.stats.requests += 1
         cond = self.encode_prompt(run)
-        latents, timesteps, scheduler = self.initial_latents(run)
-        latents = self.denoise(run, latents, cond, timesteps, scheduler)
-        pixels = self.decode(run, latents)
+        if job.cascade:  # a pixel cascade (DeepFloyd IF): no latents, no VAE
+            from .cascade import run_cascade
+
+            pixels = run_cascade(self, run, cond)
+        else:
+            latents, timesteps, scheduler = self.initial_latents(run)
+            latents = self.denoise(run, latents, cond, timesteps, scheduler)
+            pixels = self.decode(run, latents)
         report = run.adapters.report if run.adapters else []
-        images, params = _to_images(pixels, opts, self.manifest, seeds, job.width, job.height,
+        width, height = job.out_size or (job.width, job.height)
+        images, params = _to_images(pixels, opts, self.manifest, seeds, width, height,
                                     job.scheduler, run.truncated, report)
         self.stats.images += len(images)
         peak = peak_bytes() if exact_peak else None
@@ -394,14 +410,14 @@ class Engine:
 
     # --- stages ---------------------------------------------------------------------------------
 
-    def tokenizer(self, folder: str = "tokenizer"):
+    def tokenizer(self, folder: str = "tokenizer", kind: str = "clip"):
         from .store import check_relative
-        from .tokenizer import PromptTokenizer
+        from .tokenizer import make_tokenizer
 
         if folder not in self._tokenizers:
             check_relative(folder, "family.text_encoders.tokenizer", self.folder)
-            self._tokenizers[folder] = PromptTokenizer(self.folder / folder,
-                                                       self.manifest["tokenizer"]["max_length"])
+            self._tokenizers[folder] = make_tokenizer(
+                self.folder / folder, self.manifest["tokenizer"]["max_length"], kind)
         return self._tokenizers[folder]
 
     def encode_prompt(self, run: _Run) -> dict[str, np.ndarray]:
@@ -411,7 +427,8 @@ class Engine:
         t0 = time.perf_counter()
         opts = run.job.opts
         family = self.manifest["family"]
-        cfg = opts.guidance > 1.0
+        cfg = opts.guidance > 1.0 or (bool(run.job.cascade[1:]) and _upscale_guidance(
+            opts, self.manifest) > 1.0)  # a cascade's stage II may guide when stage I does not
         texts = [opts.negative, run.job.text] if cfg else [run.job.text]
         if self.manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n
             from ..fusion.embeddings import expand_prompt
@@ -421,8 +438,11 @@ class Engine:
         for n, encoder in enumerate(family["text_encoders"]):
             t0 = t0 if n == 0 else time.perf_counter()
             stage = encoder["stage"]
-            tok = self.tokenizer(encoder["tokenizer"])
+            tok = self.tokenizer(encoder["tokenizer"], encoder.get("kind", "clip"))
             tokens = tok(texts)
+            feeds = {"input_ids": tokens.ids}
+            if encoder.get("mask"):
+                feeds[encoder["mask"]] = tokens.mask
             if n == 0:
                 for what, cut in zip(["negative prompt", "prompt"][-len(tokens.truncated):],
                                      tokens.truncated):
@@ -434,10 +454,9 @@ class Engine:
             run.log(f"[{stage}] holding {stage} on {te.provider} "
                     f"({te.load_seconds:.1f} s to load)")
             if run.observe:
-                run.observe(stage, {"input_ids": tokens.ids})
+                run.observe(stage, dict(feeds))
             names = [encoder["states"]] + ([encoder["pooled"]] if encoder.get("pooled") else [])
-            outs = te.run({"input_ids": tokens.ids}, bound=self._bound_slots(run, stage, te),
-                          outputs=names)
+            outs = te.run(feeds, bound=self._bound_slots(run, stage, te), outputs=names)
             states.append(outs[0])
             if encoder.get("pooled"):
                 pooled = outs[1]
@@ -502,16 +521,30 @@ class Engine:
         self._timed(run, stage, t0)
         return latents
 
-    def denoise(self, run: _Run, latents, cond, timesteps, scheduler) -> np.ndarray:
+    def denoise(self, run: _Run, latents, cond, timesteps, scheduler, *, stage: str | None = None,
+                guidance: float | None = None, keep_variance: bool = False,
+                concat: np.ndarray | None = None) -> np.ndarray:
         """The denoising loop; stops early on should_stop(). `cond`: encode_prompt's
-        conditioning rows (and, for SDXL-style UNets, the size/crop ids are added here)."""
+        conditioning rows (and, for SDXL-style UNets, the size/crop ids are added here); for
+        CFG, [negative x B, prompt x B], else the prompt's B rows (the prompt half is taken
+        when the rows are there and this stage does not guide).
+
+        Cascades (runtime/cascade.py) name the `stage` and its `guidance`; a UNet predicting
+        twice the image's channels (IF's learned variance) has CFG mix the first half, and the
+        prompt rows' second half is handed to the scheduler when `keep_variance`, else dropped.
+        `concat` (IF stage II: the noised, upscaled stage I image) joins the model input on
+        channels, before the scheduler's input scaling as diffusers does."""
         from .unet_chunks import ChunkedUNet
 
         t0 = time.perf_counter()
         opts, plan = run.job.opts, run.job.plan
-        stage = self.unet
+        stage = stage or self.unet
+        guidance = opts.guidance if guidance is None else guidance
         graph = self.manifest["graphs"][stage]
         cond = dict(cond)
+        cfg = guidance > 1.0
+        if not cfg and len(cond["encoder_hidden_states"]) == 2 * opts.batch:
+            cond = {k: v[opts.batch:] for k, v in cond.items()}
         if self.manifest["family"]["conditioning"] == "text_time":
             # original size, crop top-left, target size: diffusers' defaults for a plain run
             h, w = run.job.height, run.job.width
@@ -534,10 +567,10 @@ class Engine:
             run.log(f"[{stage}] holding {stage} on {unet.provider} ({unet.load_seconds:.1f} s to "
                     "load)")
         run.providers[stage] = unet.provider
-        cfg = opts.guidance > 1.0
-        multiple = self.manifest["model"]["unet_multiple"]
+        multiple = graph.get("latent_multiple", self.manifest["model"]["unet_multiple"])
         rows = 2 * opts.batch if cfg else opts.batch
-        micro = plan.micro if plan is not None else (opts.batch if cfg and opts.cfg_split else rows)
+        micro = min(plan.micro, rows) if plan is not None else \
+            (opts.batch if cfg and opts.cfg_split else rows)
         shape = latents.shape
 
         def unet_pass(feeds):
@@ -547,19 +580,31 @@ class Engine:
                 return unet.run(feeds, multiple, bound=bound)
             return unet.run(feeds, multiple)
 
+        channels = latents.shape[1]
+        extra = None if concat is None else (np.concatenate([concat, concat]) if cfg else concat)
         for i, t in enumerate(timesteps):
             x = np.concatenate([latents, latents]) if cfg else latents
+            if extra is not None:
+                x = np.concatenate([x, extra], axis=1)
             x = scheduler.scale_model_input(x, t).astype(np.float32)
             eps = np.concatenate([
                 unet_pass({"sample": x[s:s + micro],
                            "timestep": np.full(len(x[s:s + micro]), t, np.float32),
                            **{k: v[s:s + micro] for k, v in cond.items()}})
                 for s in range(0, rows, micro)])
+            variance = None
+            if eps.shape[1] > channels:  # learned variance (IF): the prompt rows' second half
+                variance = (np.split(eps, 2)[1] if cfg else eps)[:, channels:]
+                eps = eps[:, :channels]
             if cfg:
                 uncond, text = np.split(eps, 2)
-                eps = uncond + np.float32(opts.guidance) * (text - uncond)
+                eps = uncond + np.float32(guidance) * (text - uncond)
+            if variance is not None and keep_variance:
+                eps = np.concatenate([eps, variance], axis=1)
             noise = None
-            if scheduler.stochastic:  # euler-a: fresh noise every step, from each image's seed
+            needs = getattr(scheduler, "needs_noise", None)
+            if scheduler.stochastic and (needs is None or needs(t)):
+                # euler-a, ddpm: fresh noise every step, from each image's seed
                 noise = np.concatenate([rng.standard_normal((1, *shape[1:]), dtype=np.float32)
                                         for rng in run.rngs])
             latents = scheduler.step(eps.astype(np.float32), t, latents,
@@ -610,6 +655,13 @@ class Engine:
         run.warnings += warnings
         self._timed(run, stage, t0)
         return pixels
+
+
+def _upscale_guidance(opts, manifest: dict) -> float:
+    """A cascade's stage II guidance: --upscale-guidance, the model's default, else IF's 4."""
+    if opts.upscale_guidance is not None:
+        return float(opts.upscale_guidance)
+    return float((manifest.get("defaults") or {}).get("upscale_guidance", 4.0))
 
 
 def _identity(path: Path) -> tuple:

@@ -204,6 +204,23 @@ def _check_family(manifest: dict, path: Path) -> None:
             raise bad(f"text_encoders tokenizer {enc['tokenizer']!r} is not a folder name")
     if fam["conditioning"] not in ("text", "text_time"):
         raise bad(f"conditioning is {fam['conditioning']!r}, expected text or text_time")
+    for enc in fam["text_encoders"]:
+        if enc.get("kind", "clip") not in ("clip", "t5"):
+            raise bad(f"text_encoders kind {enc['kind']!r}, expected clip or t5")
+    space = fam.get("space", "latent")
+    if space not in ("latent", "pixel"):
+        raise bad(f"space is {space!r}, expected latent or pixel")
+    up = (manifest.get("cascade") or {}).get("upscale")
+    if up is not None:
+        if roles.get(up["stage"]) != "upscale":
+            raise bad(f"cascade names {up['stage']!r}, whose role is not upscale")
+        if not 1 <= up["factor"] <= 16 or not 0 <= up["noise_level"] < 100_000:
+            raise bad(f"cascade factor {up['factor']} / noise_level {up['noise_level']} out of "
+                      "range")
+        for key in ("scheduler", "noising_scheduler"):
+            check_relative(up[key]["config"], f"cascade.upscale.{key}.config", path)
+    elif any(r == "upscale" and s in manifest["graphs"] for s, r in roles.items()):
+        raise bad("roles has an upscale stage but the manifest no cascade block")
 
 
 

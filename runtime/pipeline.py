@@ -75,6 +75,13 @@ class GenerateOptions:
     # per-stage execution providers over `provider` ("vae_decoder=cpu" or {stage: provider}):
     # stages on the CPU beside a CUDA run are held to host memory, not the budget (placement.py)
     stage_providers: str | dict | None = None
+    # Pixel cascades (DeepFloyd IF): "I" stops after stage I (64 px), "II" (the default when the
+    # build has stage II) runs it on; stage II's steps, guidance and the noise level its input
+    # image is noised to (None: the model's defaults, IF's 50, 4.0 and 250)
+    cascade: str | None = None
+    upscale_steps: int | None = None
+    upscale_guidance: float | None = None
+    noise_level: int | None = None
 
 
 @dataclass
@@ -268,10 +275,36 @@ def _validate(opts: GenerateOptions, manifest: dict) -> tuple[int, int, str]:
         if stage_with(manifest, "encode_image") is None:
             raise SdcError("--init-image: this build has no vae_encoder graph; rebuild with the "
                            "vae_encoder stage")
-    for stage in manifest["family"]["pipeline"]:
+    pixel = manifest["family"].get("space") == "pixel"
+    needed = manifest["family"]["pipeline"]
+    if pixel:  # a cascade runs the stages it has; --stages II without stage II is refused there
+        _validate_cascade(opts)
+        # its last stage (IF stage II) is optional: a stage I build runs alone
+        needed = [s for s in needed[:-1] if manifest["family"]["roles"].get(s) != "upscale"]
+        if opts.init_image is not None:
+            raise SdcError("--init-image: DeepFloyd IF builds run text-to-image only in this sdc")
+    elif opts.cascade is not None or opts.upscale_steps is not None or \
+            opts.upscale_guidance is not None or opts.noise_level is not None:
+        raise SdcError("--stages I|II, --upscale-steps, --upscale-guidance and --noise-level are "
+                       "for cascaded (DeepFloyd IF) builds; this one is "
+                       f"{manifest['family'].get('title', manifest['family']['name'])}")
+    for stage in needed:
         if stage not in manifest["graphs"] or stage not in manifest["family"]["roles"]:
             raise SdcError(f"this build lacks the {stage} graph; rebuild with every stage")
     return width, height, name
+
+
+def _validate_cascade(opts: GenerateOptions) -> None:
+    if opts.upscale_steps is not None and (not isinstance(opts.upscale_steps, int)
+                                           or not 1 <= opts.upscale_steps <= MAX_STEPS):
+        raise SdcError(f"--upscale-steps {opts.upscale_steps}: expected an integer from 1 to "
+                       f"{MAX_STEPS}")
+    g = opts.upscale_guidance
+    if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
+        raise SdcError(f"--upscale-guidance {g}: expected a finite number >= 0 (IF uses 4)")
+    n = opts.noise_level
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 1000):
+        raise SdcError(f"--noise-level {n}: expected an integer from 0 to 999 (IF uses 250)")
 
 
 def min_strength(steps: int) -> float:
@@ -323,6 +356,14 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
     kw = dict(batch=opts.batch, cfg=opts.guidance > 1.0, width=width, height=height,
               steps=opts.steps, vae_tile=opts.vae_tile, cfg_split=opts.cfg_split,
               img2img=opts.init_image is not None, host=frozenset(_host_stages(opts, manifest)))
+    if manifest["family"].get("space") == "pixel":
+        from .cascade import cascade_stages
+        from .engine import _upscale_guidance
+
+        defaults = manifest.get("defaults") or {}
+        kw["cascade"] = (cascade_stages(manifest, opts.cascade),
+                         opts.upscale_steps or defaults.get("upscale_steps", 50),
+                         _upscale_guidance(opts, manifest) > 1.0)
     plan = make_plan(manifest, budget=budget, **kw)
     # A plan above the machine's memory cannot run: refuse it now, before anything is allocated
     # (65536² would otherwise die in an allocation minutes in, or take the machine into swap).

@@ -170,7 +170,8 @@ def _est(x: float) -> int:
 
 def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
               budget: int | None = None, vae_tile: int | None = None, cfg_split: bool | None = None,
-              img2img: bool = False, host: frozenset = frozenset()) -> Plan | None:
+              img2img: bool = False, host: frozenset = frozenset(),
+              cascade: tuple | None = None) -> Plan | None:
     """The fastest plan whose estimated peak fits `budget` (None: the fastest plan). `vae_tile`
     and `cfg_split` given by the user are kept as they are. Raises SdcError, naming the smallest
     budget that would fit, when none does; None for a build without a memory profile."""
@@ -180,9 +181,14 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
                            "older sdc); rebuild it with this sdc to plan against a budget")
         return None
     try:
-        plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
-                                steps=steps, budget=budget, vae_tile=vae_tile,
-                                cfg_split=cfg_split, img2img=img2img, host=host)
+        if cascade is not None:
+            plans = cascade_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
+                                  steps=steps, budget=budget, cfg_split=cfg_split, host=host,
+                                  cascade=cascade)
+        else:
+            plans = candidate_plans(manifest, batch=batch, cfg=cfg, width=width, height=height,
+                                    steps=steps, budget=budget, vae_tile=vae_tile,
+                                    cfg_split=cfg_split, img2img=img2img, host=host)
     except SdcError:  # no peaks measured (not Linux): nothing to plan, nothing asked
         if budget is not None:
             raise
@@ -321,6 +327,66 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
                     prof["baseline_bytes"])
         for s in plan.stages:
             s.host = s.stage in host
+        plans.append(plan)
+    return plans
+
+
+def cascade_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height: int, steps: int,
+                  budget: int | None, cfg_split: bool | None, host: frozenset,
+                  cascade: tuple) -> list[Plan]:
+    """A pixel cascade's plans (DeepFloyd IF): the text encoder, then each denoiser whole, one
+    session at a time, with the CFG rows in one pass or split. `cascade` = (the denoising stages
+    run, stage II's steps, whether stage II guides). The T5 encoder, the memory problem of IF
+    (4.7 B parameters in the XXL), goes on the CPU with --stage-provider text_encoder=cpu: then
+    its peak is host memory, outside the device budget, and reported apart."""
+    prof, model = manifest["memory_profile"], manifest["model"]
+    g = prof["graphs"]
+    fixed = prof["first_session_bytes"] + prof["runtime_held_bytes"]
+    stages, steps_2, cfg_2 = cascade
+    factor = manifest.get("cascade", {}).get("upscale", {}).get("factor", 1)
+    c = model["latent_channels"]
+    texts = stages_with(manifest, "text")
+    rows_1 = 2 * batch if cfg else batch
+    rows_te = 2 * batch if (cfg or cfg_2) else batch
+    # the pixels every stage carries: the image, its CFG copy, the prediction, scheduler state,
+    # and stage II's upscaled input
+    images = lambda k, rows: rows * (2 * c) * width * height * k * k * 4 * 3  # noqa: E731
+    out_bytes = 3 * width * height * factor ** (len(stages) - 1) * 4 * batch
+
+    def te_stage(stage: str) -> StagePlan:
+        te = _Unit(g[stage]["whole"])
+        p = {"batch": rows_te}
+        return StagePlan(stage, stage, _est(te.peak(p) + fixed), te.load + te.run(p),
+                         _est(te.held(p)))
+
+    def unet_stage(stage: str, k: int, rows: int, n: int, micro: int) -> StagePlan:
+        unit = _Unit(g[stage]["whole"])
+        lat = math.sqrt(width * height) * k
+        p = {"batch": micro, "lat": lat}
+        passes = math.ceil(rows / micro)
+        return StagePlan(stage, f"{stage} (whole)",
+                         _est(unit.peak(p) + fixed + images(k, rows) + out_bytes),
+                         unit.load + n * passes * unit.run(p), _est(unit.held(p)))
+
+    if cfg_split is not None:
+        splits = [bool(cfg_split)]
+    elif budget is None:
+        splits = [False]
+    else:
+        splits = [False, True]
+    plans = []
+    head = [te_stage(s) for s in texts]
+    for split in splits:
+        micro = batch if split else 2 * batch
+        body = [unet_stage(stages[0], 1, rows_1, steps, min(micro, rows_1))]
+        if len(stages) > 1:
+            rows_2 = 2 * batch if cfg_2 else batch
+            body.append(unet_stage(stages[1], factor, rows_2, steps_2, min(micro, rows_2)))
+        plan = Plan(budget, "whole", (), 0, micro, rows_1, 0,
+                    manifest["graphs"][stages[0]].get("attention", ""), head + body,
+                    prof["baseline_bytes"])
+        for st in plan.stages:
+            st.host = st.stage in host
         plans.append(plan)
     return plans
 
