@@ -59,6 +59,9 @@ class Family:
     # "latent": denoise latents, decode with a VAE; "pixel": a cascade denoising pixels
     # (DeepFloyd IF), whose last denoiser's output is the image
     space: str = "latent"
+    # (component, like): components whose LoRAs are keyed as `like`'s are (DeepFloyd IF stage
+    # II's UNet: a LoRA saved by IFSuperResolutionPipeline names its layers unet.*)
+    lora_alternates: tuple = ()
 
     def __post_init__(self):
         for spec in self.specs:

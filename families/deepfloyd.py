@@ -115,6 +115,7 @@ DEEPFLOYD = Family(
     diffusers_prefixes={"unet": "unet."},
     configs=(),
     space="pixel",
+    lora_alternates=(("unet_2", "unet"),),
 )
 
 # the folder of an IF-II download: what `--upscaler` names

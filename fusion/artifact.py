@@ -20,7 +20,7 @@ from .fuse import Applied, LoraSpec, fuse_param, plan, report
 from .lora import Known, read_lora
 
 # the roles whose graphs hold weights a LoRA changes
-LORA_ROLES = ("text", "denoise")
+LORA_ROLES = ("text", "denoise", "upscale")
 
 
 def build_family(manifest: dict):
@@ -40,7 +40,8 @@ def stage_of(manifest: dict) -> dict[str, str]:
     roles = manifest.get("family", {}).get("roles") or {s.stage: s.role for s in fam.specs}
     out = {}
     for spec in fam.specs:
-        if roles.get(spec.stage) in LORA_ROLES and spec.component in fam.diffusers_prefixes:
+        if roles.get(spec.stage) in LORA_ROLES and (spec.component in fam.diffusers_prefixes
+                                                    or spec.component in dict(fam.lora_alternates)):
             out.setdefault(spec.component, spec.stage)
     return out
 

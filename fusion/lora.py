@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +114,46 @@ _UNSUPPORTED = [
 ]
 
 
+# safetensors metadata naming the stage a LoRA was trained for (sdc's trainer writes it): picks
+# the component among a family's `lora_alternates` (DeepFloyd IF: unet = stage I, unet_2 = II)
+STAGE_METADATA = "sdc_stage"
+
+
 def read_lora(path, known: dict, family: Family | None = None) -> LoraFile:
     """Parse `path` against the base model's module paths: {component: {dotted module path with a
     `.weight` parameter}} (a `Known`, whose weight shapes are then checked too). `family` is the
-    base model's family; by default `known.family` when `known` is a Known, else SD1."""
+    base model's family; by default `known.family` when `known` is a Known, else SD1.
+
+    A family whose components share a key layout (`lora_alternates`: IF's two UNets, both
+    `unet.*` in diffusers' files) reads the file for the component its `sdc_stage` metadata
+    names, else for the first component whose modules and shapes it fits."""
     family = family or getattr(known, "family", None) or SD1
+    alternates = [(c, like) for c, like in family.lora_alternates if c in known]
+    if not alternates:
+        return _read_lora(path, known, family)
+    named = None
+    if Path(path).is_file() and Path(path).suffix.lower() == ".safetensors":
+        named = read_safetensors(Path(path), f"--lora {path}", allow_empty=True).metadata.get(
+            STAGE_METADATA)
+    tries = [None] + [c for c, _ in alternates]
+    if named in tries:
+        tries.remove(named)
+        tries.insert(0, named)
+    first_error = None
+    for target in tries:
+        fam = family
+        if target is not None:
+            like = dict(alternates)[target]
+            fam = replace(family, diffusers_prefixes={target: family.diffusers_prefixes[like]},
+                          kohya_prefixes={target: family.kohya_prefixes[like]})
+        try:
+            return _read_lora(path, known, fam)
+        except SdcError as e:
+            first_error = first_error or e
+    raise first_error
+
+
+def _read_lora(path, known: dict, family: Family) -> LoraFile:
     path = Path(path)
     if not path.is_file():
         raise SdcError(f"--lora {path}: no such file; expected a LoRA .safetensors file")

@@ -26,7 +26,7 @@ def known_from_configs(configs: dict, family=None) -> Known:
 
     family = _family_of(configs, family)
     out = {}
-    for component in family.diffusers_prefixes:
+    for component in [*family.diffusers_prefixes, *dict(family.lora_alternates)]:
         if component not in configs:
             continue
         library, cls_name = family.components[component]

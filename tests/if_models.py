@@ -162,3 +162,41 @@ def load_if_pipelines(one: Path, two: Path):
     for pipe in (first, second):
         pipe.set_progress_bar_config(disable=True)
     return first, second
+
+
+IF_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+def make_if_lora(one: Path, two: Path, out: Path, stage: str, seed: int, rank: int = 4,
+                 alpha: float = 8.0, scale: float = 0.3, stage_metadata: bool = True) -> Path:
+    """A diffusers/peft LoRA for the tiny IF's stage I (`stage="unet"`) or stage II
+    (`"unet_2"`), saved by IFPipeline / IFSuperResolutionPipeline.save_lora_weights (keys
+    `unet.*`); with `stage_metadata` sdc's `sdc_stage` names the stage it is for."""
+    import torch
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    first, second = load_if_pipelines(one, two)
+    unet = first.unet if stage == "unet" else second.unet
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=IF_LORA_TARGETS,
+                                init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.mul_(scale)
+    out.mkdir(parents=True, exist_ok=True)
+    cls = IFPipeline if stage == "unet" else IFSuperResolutionPipeline
+    name = f"if-{stage}-{seed}.safetensors"
+    with quiet_torch_stack():
+        cls.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                              weight_name=name)
+    if stage_metadata:
+        from safetensors import safe_open
+
+        with safe_open(str(out / name), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        save_file(load_file(str(out / name)), str(out / name), metadata={**meta, "sdc_stage": stage})
+    return out / name

@@ -160,3 +160,58 @@ def test_stage_i_build_and_refusals(if_folders, tmp_path):
     r = run_sdc("run", "x", "-a", out, "--noise-level", 1000, "--out", tmp_path / "y.png",
                 check=False)
     assert r.returncode != 0 and "--noise-level 1000" in r.stderr
+
+
+@pytest.fixture(scope="session")
+def if_loras(if_folders, tmp_path_factory):
+    from if_models import make_if_lora
+
+    root = tmp_path_factory.mktemp("if-loras")
+    one, two = if_folders
+    return {"unet": make_if_lora(one, two, root, "unet", seed=21),
+            "unet_2": make_if_lora(one, two, root, "unet_2", seed=22, stage_metadata=False)}
+
+
+def test_loras_at_build_and_run_match_diffusers(if_build, if_folders, if_loras, monkeypatch,
+                                                tmp_path):
+    """Stage I and stage II LoRAs (the second without sdc's stage metadata: found by its
+    shapes) fused at build and at run time, against diffusers' load_lora_weights + fuse_lora,
+    both sampled with variance_type="fixed_small" (what a LoRA'd IF runs with)."""
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    import if_models
+
+    one, two = if_folders
+    built = tmp_path / "lora-build"
+    run_sdc("build", one, "--upscaler", two, "--precision", "fp32", "--out", built,
+            "--lora", if_loras["unet"], "--lora", if_loras["unet_2"])
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert sorted(lo["layers"] > 0 for lo in manifest["loras"]) == [True, True]
+    prompt, seed, steps, steps_2 = "a sks seal", 4, 5, 3
+    args = ("--seed", seed, "--steps", steps, "--upscale-steps", steps_2)
+    run_sdc("run", prompt, "-a", built, *args, "--out", tmp_path / "b.png")
+    run_sdc("run", prompt, "-a", if_build, *args, "--out", tmp_path / "r.png",
+            "--lora", if_loras["unet"], "--lora", if_loras["unet_2"])
+    run_sdc("run", prompt, "-a", if_build, *args, "--out", tmp_path / "plain.png")
+    at_build, at_run, plain = (np.asarray(Image.open(tmp_path / f).convert("RGB")).astype(int)
+                               for f in ("b.png", "r.png", "plain.png"))
+
+    original = if_models.load_if_pipelines
+
+    def with_loras(a, b):
+        first, second = original(a, b)
+        first.load_lora_weights(str(if_loras["unet"]))
+        second.load_lora_weights(str(if_loras["unet_2"]))
+        for pipe in (first, second):
+            pipe.fuse_lora()
+            pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config,
+                                                       variance_type="fixed_small")
+        return first, second
+
+    monkeypatch.setattr(if_models, "load_if_pipelines", with_loras)
+    ref, _ = diffusers_images(if_folders, monkeypatch, prompt, "", seed, steps, steps_2, 7.0, 4.0)
+    ref = ref.astype(int)
+    assert np.abs(at_build - ref).max() <= TOLERANCE
+    assert np.abs(at_run - ref).max() <= TOLERANCE
+    assert np.abs(plain - ref).max() > 10  # the LoRAs change the picture
