@@ -84,10 +84,11 @@ def cascade_schedulers(source) -> dict:
     if "unet_2" not in source.parts:
         return {}
     folder, _ = source.parts["unet_2"]
-    out = {}
-    for sub in ("scheduler", "image_noising_scheduler"):
-        out[f"unet_2/{sub}.json"] = _config(folder / sub / "scheduler_config.json", folder)
-    return out
+    # beside the graphs' folders, not in unet_2/ (whose files a quantized or re-fused build
+    # rewrites)
+    return {f"{ours}/scheduler_config.json": _config(folder / sub / "scheduler_config.json", folder)
+            for ours, sub in (("scheduler_2", "scheduler"),
+                              ("image_noising_scheduler", "image_noising_scheduler"))}
 
 
 def write_cascade(tmp: Path, source) -> dict | None:
@@ -96,14 +97,16 @@ def write_cascade(tmp: Path, source) -> dict | None:
     if not configs:
         return None
     for rel, config in configs.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text(json.dumps(config, indent=2) + "\n")
     dims = source.dims()
     return {"upscale": {
         "stage": "unet_2", "factor": dims.upscale_factor, "noise_level": 250,
-        "scheduler": {"class": configs["unet_2/scheduler.json"].get("_class_name"),
-                      "config": "unet_2/scheduler.json"},
-        "noising_scheduler": {"class": configs["unet_2/image_noising_scheduler.json"].get(
-            "_class_name"), "config": "unet_2/image_noising_scheduler.json"},
+        "scheduler": {"class": configs["scheduler_2/scheduler_config.json"].get("_class_name"),
+                      "config": "scheduler_2/scheduler_config.json"},
+        "noising_scheduler": {"class": configs[
+            "image_noising_scheduler/scheduler_config.json"].get("_class_name"),
+            "config": "image_noising_scheduler/scheduler_config.json"},
         "description": "stage II: stage I's image upscaled bilinearly (align_corners) by factor, "
                        "noised to noise_level by noising_scheduler, denoised with scheduler",
     }}

@@ -26,8 +26,10 @@ from . import formats as fm
 RECIPES = {
     "fp16": {"*": "fp16"},
     "fp32": {},
-    "int8": {"text": "int8", "denoise": "int8", "decode": "fp16", "encode_image": "fp16"},
-    "int4": {"text": "int8", "denoise": "int4", "decode": "fp16", "encode_image": "fp16"},
+    "int8": {"text": "int8", "denoise": "int8", "upscale": "int8", "decode": "fp16",
+             "encode_image": "fp16"},
+    "int4": {"text": "int8", "denoise": "int4", "upscale": "int4", "decode": "fp16",
+             "encode_image": "fp16"},
 }
 
 # (path component, reason): weights under a module with this name stay in 16 bits.

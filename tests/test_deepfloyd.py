@@ -172,6 +172,7 @@ def if_loras(if_folders, tmp_path_factory):
             "unet_2": make_if_lora(one, two, root, "unet_2", seed=22, stage_metadata=False)}
 
 
+@pytest.mark.families
 def test_loras_at_build_and_run_match_diffusers(if_build, if_folders, if_loras, monkeypatch,
                                                 tmp_path):
     """Stage I and stage II LoRAs (the second without sdc's stage metadata: found by its
@@ -194,8 +195,14 @@ def test_loras_at_build_and_run_match_diffusers(if_build, if_folders, if_loras, 
     run_sdc("run", prompt, "-a", if_build, *args, "--out", tmp_path / "r.png",
             "--lora", if_loras["unet"], "--lora", if_loras["unet_2"])
     run_sdc("run", prompt, "-a", if_build, *args, "--out", tmp_path / "plain.png")
-    at_build, at_run, plain = (np.asarray(Image.open(tmp_path / f).convert("RGB")).astype(int)
-                               for f in ("b.png", "r.png", "plain.png"))
+    refused = tmp_path / "from-build"  # torch-free re-fuse into a copy of the plain build
+    run_sdc("build", "--from", if_build, "--lora", if_loras["unet"], "--lora", if_loras["unet_2"],
+            "--out", refused)
+    run_sdc("run", prompt, "-a", refused, *args, "--out", tmp_path / "f.png")
+    at_build, at_run, plain, at_from = (
+        np.asarray(Image.open(tmp_path / f).convert("RGB")).astype(int)
+        for f in ("b.png", "r.png", "plain.png", "f.png"))
+    assert np.abs(at_from - at_run).max() <= 1
 
     original = if_models.load_if_pipelines
 
@@ -215,3 +222,19 @@ def test_loras_at_build_and_run_match_diffusers(if_build, if_folders, if_loras, 
     assert np.abs(at_build - ref).max() <= TOLERANCE
     assert np.abs(at_run - ref).max() <= TOLERANCE
     assert np.abs(plain - ref).max() > 10  # the LoRAs change the picture
+
+
+@pytest.mark.families
+def test_int8_build_quantizes_t5_and_both_unets(if_build, tmp_path):
+    """`--precision int8` from the float cascade: T5 and both UNets int8 (recipes by role), each
+    graph gated by its own quality target, and the build runs."""
+    out = tmp_path / "int8"
+    run_sdc("build", "--from", if_build, "--precision", "int8", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s: g["precision"] for s, g in manifest["graphs"].items()} == {
+        "text_encoder": "int8", "unet": "int8", "unet_2": "int8"}
+    run_sdc("run", "a red circle", "-a", out, "--steps", 3, "--upscale-steps", 2, "--seed", 1,
+            "--out", tmp_path / "q.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "q.png").size == (64, 64)
