@@ -64,6 +64,7 @@ class Plan:
     attention: str
     stages: list[StagePlan] = field(default_factory=list)
     baseline: int = 0
+    pixel: bool = False  # a pixel cascade (DeepFloyd IF): no VAE, denoisers at their own sizes
 
     @property
     def peak(self) -> int:
@@ -104,9 +105,13 @@ class Plan:
             f"unet        {unet}; {self.micro} row(s) per pass of {self.rows}"
             + (" (CFG split)" if self.cfg_split else ""),
             f"attention   {self.attention}",
-            f"vae tile    {self.vae_tile or 'whole image'}"
-            + (" latents (exact segments)" if self.vae_tile else ""),
         ]
+        if self.pixel:
+            lines[2] = (f"cascade     {' -> '.join(s.stage for s in self.stages)}, each whole; "
+                        f"{self.micro} row(s) per pass" + (" (CFG split)" if self.cfg_split else ""))
+        else:
+            lines.append(f"vae tile    {self.vae_tile or 'whole image'}"
+                         + (" latents (exact segments)" if self.vae_tile else ""))
         lines += [f"{s.stage:<13} holds {s.holds}: peak {fmt_bytes(s.peak)}, ~{s.seconds:.1f} s"
                   + (" (host memory: on the CPU, outside the budget)" if s.host else "")
                   for s in self.stages]
@@ -384,7 +389,7 @@ def cascade_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height: 
             body.append(unet_stage(stages[1], factor, rows_2, steps_2, min(micro, rows_2)))
         plan = Plan(budget, "whole", (), 0, micro, rows_1, 0,
                     manifest["graphs"][stages[0]].get("attention", ""), head + body,
-                    prof["baseline_bytes"])
+                    prof["baseline_bytes"], pixel=True)
         for st in plan.stages:
             st.host = st.stage in host
         plans.append(plan)
