@@ -21,6 +21,7 @@ prompt -> T5 -> stage I -> stage II -> PNG with one stage resident at a time.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from .base import Family, TextEncoder
 from .graph_spec import GraphSpec, ModelDims, TensorSpec
@@ -58,22 +59,17 @@ UNET = GraphSpec(
     description="stage I: noisy 64 px image, timestep, T5 states -> noise and learned variance",
 )
 
-UNET_2 = GraphSpec(
+# stage I's graph with the image input doubled (noisy image + noised upscaled stage I) and the
+# noise level as class_labels
+UNET_2 = replace(
+    UNET,
     stage="unet_2",
     component="unet_2",
     role="upscale",
     graph="unet_class_labels",
-    inputs=(TensorSpec("sample", _IMAGE_2, "float32"),  # noisy image + noised upscaled stage I
-            TensorSpec("timestep", ("batch",), "float32"),
-            TensorSpec("encoder_hidden_states", ("batch", "sequence", "hidden_size"), "float32"),
+    inputs=(TensorSpec("sample", _IMAGE_2, "float32"), *UNET.inputs[1:],
             TensorSpec("class_labels", ("batch",), "float32")),
-    outputs=(TensorSpec("out_sample", _IMAGE_2, "float32"),),
-    dynamic_axes={"sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
-                  "timestep": {0: "batch"},
-                  "encoder_hidden_states": {0: "batch", 1: "sequence"},
-                  "class_labels": {0: "batch"}},
-    fused_attention=True,
-    adapter_slots=True,
+    dynamic_axes={**UNET.dynamic_axes, "class_labels": {0: "batch"}},
     multiple="upscale_multiple",
     description="stage II: noisy 256 px image stacked with the noised, upscaled stage I image, "
                 "timestep, T5 states, noise level -> noise and learned variance",

@@ -23,21 +23,28 @@ class Tokenized:
     mask: np.ndarray | None = None  # int64 attention mask (T5); None for CLIP
 
 
+def _load(folder: Path, kind: str, required: tuple[str, ...]):
+    """(tokenizers.Tokenizer, its vocabulary) from folder/tokenizer.json, refused in one line
+    when unreadable or without the special tokens `kind` needs."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
+    vocab = tok.get_vocab()
+    missing = [t for t in required if t not in vocab]
+    if missing:
+        raise SdcError(f"{path}: not a {kind} tokenizer (no {', '.join(missing)} token); rebuild "
+                       "the artifacts")
+    return tok, vocab
+
+
 class PromptTokenizer:
     def __init__(self, folder: Path, max_length: int = 77):
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / "tokenizer.json"
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-            raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
+        self._tok, vocab = _load(folder, "CLIP", ("<|startoftext|>", "<|endoftext|>"))
         self.max_length = max_length
-        vocab = self._tok.get_vocab()
-        missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
-        if missing:
-            raise SdcError(f"{path}: not a CLIP tokenizer (no {', '.join(missing)} token); rebuild "
-                           "the artifacts")
         self.bos, self.eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
         pad = "<|endoftext|>"
         config = Path(folder) / "tokenizer_config.json"
@@ -72,19 +79,8 @@ class T5PromptTokenizer:
     of 1 over the pieces and `</s>`. A longer prompt keeps its first 76 pieces and `</s>`."""
 
     def __init__(self, folder: Path, max_length: int = 77):
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / "tokenizer.json"
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-            raise SdcError(f"{path}: cannot load tokenizer ({e}); rebuild the artifacts") from None
+        self._tok, vocab = _load(folder, "T5", ("</s>", "<pad>"))
         self.max_length = max_length
-        vocab = self._tok.get_vocab()
-        missing = [t for t in ("</s>", "<pad>") if t not in vocab]
-        if missing:
-            raise SdcError(f"{path}: not a T5 tokenizer (no {', '.join(missing)} token); rebuild "
-                           "the artifacts")
         self.eos, self.pad = vocab["</s>"], vocab["<pad>"]
 
     def __call__(self, prompts: list[str]) -> Tokenized:
