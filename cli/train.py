@@ -20,9 +20,13 @@ COMMON = [
                  help="Prior preservation: captioned pictures without the trigger, trained "
                       "alongside so prompts without it stay the base model's."),
     click.option("--steps", type=int, default=None, help="Optimizer steps [500]."),
-    click.option("--lr", type=float, default=None, help="Learning rate."),
+    click.option("--lr", type=float, default=None,
+                 help="Learning rate [1e-4; DeepFloyd IF 4e-5]."),
+    click.option("--lr-end", type=float, default=None,
+                 help="End rate of a cosine/polynomial decay [0; DeepFloyd IF 4e-6]."),
     click.option("--optimizer", default=None, help="adafactor | adamw | adamw8bit."),
-    click.option("--lr-schedule", default=None, help="constant | cosine [constant]."),
+    click.option("--lr-schedule", default=None,
+                 help="constant | cosine | polynomial [constant; DeepFloyd IF polynomial]."),
     click.option("--warmup", type=int, default=None, help="Warmup steps [0]."),
     click.option("--batch-size", type=int, default=None, help="Images per micro-batch [1]."),
     click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1]."),
@@ -122,9 +126,22 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--targets", default=None, help="attn | attn+conv [attn].")
     @click.option("--train-text-encoder/--no-train-text-encoder", default=None,
                   help="Also put LoRA on the text encoder [no].")
+    @click.option("--model-family", default=None,
+                  help="sd1 | sd2 | sdxl | deepfloyd: must match MODEL [detected].")
+    @click.option("--model-flavour", default=None,
+                  help="DeepFloyd IF: i-medium-400m | i-large-900m | i-xlarge-4.3b (stage I) | "
+                       "ii-medium-450m | ii-large-1.2b (stage II, with --upscaler).")
+    @click.option("--upscaler", type=click.Path(), default=None, metavar="DIR",
+                  help="DeepFloyd IF stage II: the IF-II folder whose UNet is trained (MODEL "
+                       "is the IF-I folder; its T5 encodes the captions).")
+    @click.option("--resolution-type", default=None,
+                  help="pixel: --resolution is the square's side [pixel; the only one].")
+    @click.option("--validation-resolution", default=None,
+                  help="DeepFloyd IF sample sizes, e.g. 64,96,64x96,96x64 [the resolution].")
     @_with(COMMON)
     def train_lora(model, config_file, print_config, resume, **flags):
-        """Train a LoRA on MODEL (default: built-in sdc-tiny) for `sdc build --lora`."""
+        """Train a LoRA on MODEL (default: built-in sdc-tiny) for `sdc build --lora`; on a
+        DeepFloyd IF-I folder, for stage I (or stage II with --upscaler IF-II)."""
         _run("lora", model, config_file, print_config, resume, flags)
 
     @cli.command("train-embedding")

@@ -144,13 +144,19 @@ def prepare(cfg: CommonConfig, source: ModelSource, caption_of: Callable[[str], 
 
 
 def check_trainable(source: ModelSource, what: str) -> None:
-    """The trainers drive a one-encoder UNet (SD1.x, SD2.x): an SDXL model is refused by name,
-    before anything is loaded."""
+    """The trainers drive a one-encoder UNet (SD1.x, SD2.x) and, for LoRAs, DeepFloyd IF's pixel
+    UNets (training/if_train.py): an SDXL model is refused by name, before anything is loaded."""
+    if source.spec.space == "pixel":
+        if what != "train-lora":
+            raise SdcError(f"{source.path}: a {source.spec.title} model; `sdc {what}` trains "
+                           "SD1.x and SD2.x models — for DeepFloyd IF train a LoRA "
+                           "(`sdc train-lora`); textual inversion of its T5 is not supported")
+        return
     if source.spec.conditioning != "text" or len(source.spec.text_encoders) != 1:
         raise SdcError(f"{source.path}: a {source.spec.title} model; `sdc {what}` trains SD1.x and "
-                       "SD2.x models (one text encoder, no added UNet conditioning) for now — "
-                       f"{source.spec.title} LoRAs and embeddings made elsewhere are fused by "
-                       "`sdc build --lora/--embedding`")
+                       "SD2.x models (one text encoder, no added UNet conditioning) and DeepFloyd "
+                       f"IF LoRAs for now — {source.spec.title} LoRAs and embeddings made "
+                       "elsewhere are fused by `sdc build --lora/--embedding`")
 
 
 def load_tokenizer(source: ModelSource):
@@ -206,7 +212,7 @@ def diverged(cfg: CommonConfig, step: int, what: str, advice: str | None) -> Sdc
 
 def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: list,
                condition: Callable, scaler=None, advice: str | None = None,
-               start: int = 0) -> float:
+               start: int = 0, loss_of: Callable | None = None) -> float:
     """One optimiser step, shared by LoRA and embedding training: the step's learning rate,
     `grad_accum` micro-batches (each drawn from its own seeded generator, so a resumed run draws
     what an uninterrupted one would), gradient clipping at 1.0, the (scaled) step; returns the
@@ -217,7 +223,10 @@ def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: 
     by 0 (the run would silently stop learning) and a NaN one poisons every weight, which would
     then be written out. With fp16 loss scaling inf gradients are the scaler's business: it
     skips that step and lowers the scale. `start` is the run's first step: a NaN loss there
-    comes before any update of this run, so no learning rate is to blame but the model."""
+    comes before any update of this run, so no learning rate is to blame but the model.
+
+    `loss_of(generator)`, when given, replaces the latent-diffusion draw and loss (DeepFloyd IF's
+    pixel losses, if_train.py): it draws everything from the step's generator it is handed."""
     import torch
 
     for group in opt.param_groups:
@@ -225,8 +234,11 @@ def train_step(cfg: CommonConfig, step: int, prep: Prepared, unet, opt, params: 
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
         g = step_generator(cfg.seed, step, micro)
-        idx, x0, t, eps = draw(prep, cfg.batch_size, g)
-        loss = diffusion_loss(unet, prep, x0, t, eps, condition(idx)) / cfg.grad_accum
+        if loss_of is None:
+            idx, x0, t, eps = draw(prep, cfg.batch_size, g)
+            loss = diffusion_loss(unet, prep, x0, t, eps, condition(idx)) / cfg.grad_accum
+        else:
+            loss = loss_of(g) / cfg.grad_accum
         value = float(loss.detach())
         if not math.isfinite(value):
             opt.zero_grad(set_to_none=True)
@@ -275,11 +287,20 @@ def make_optimizer(cfg: CommonConfig, params: list):
 
 
 def lr_at(cfg: CommonConfig, step: int) -> float:
+    """Linear warmup, then constant, cosine or polynomial (power 1: linear) decay from lr to
+    lr_end (0 when not set) at the last step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    end = cfg.lr_end or 0.0
+    span = max(1, cfg.steps - 1 - cfg.warmup)
+    done = min(1.0, (step - cfg.warmup) / span)
     if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+        if cfg.lr_end is None:  # as before lr_end existed: the cosine's own span
+            span = max(1, cfg.steps - cfg.warmup)
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+        return end + (cfg.lr - end) * 0.5 * (1 + math.cos(math.pi * done))
+    if cfg.lr_schedule == "polynomial":
+        return end + (cfg.lr - end) * (1 - done)
     return cfg.lr
 
 
@@ -373,9 +394,12 @@ def sample_images(source: ModelSource, unet, text_encoder, tokenizer, prompts: l
 
 
 def grid(images: list, columns: int):
+    """Images in rows of `columns`; cells as large as the largest image (sizes may differ: IF's
+    validation sizes), each image in its cell's top-left corner."""
     from PIL import Image
 
-    w, h = images[0].size
+    w = max(im.size[0] for im in images)
+    h = max(im.size[1] for im in images)
     rows = math.ceil(len(images) / columns)
     out = Image.new("RGB", (w * columns, h * rows), "white")
     for i, im in enumerate(images):

@@ -18,10 +18,21 @@ from pathlib import Path
 from ..errors import SdcError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "polynomial")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TARGETS = ("attn", "attn+conv")
 CROPS = ("center", "random")
+RESOLUTION_TYPES = ("pixel",)
+# DeepFloyd IF flavours (SimpleTuner's names) -> the UNet they train: i-* stage I (`unet`, MODEL's
+# own), ii-* stage II (`unet_2`, the IF-II folder given with `upscaler`)
+IF_FLAVOURS = {"i-medium-400m": "unet", "i-large-900m": "unet", "i-xlarge-4.3b": "unet",
+               "ii-medium-450m": "unet_2", "ii-large-1.2b": "unet_2"}
+# Defaults that differ by family, applied to the settings not given (file or flag) once the family
+# is known from model_family / model_flavour / upscaler or MODEL's model_index.json (metadata
+# only): SimpleTuner's DeepFloyd guide, lr 4e-5 decaying to 4e-6.
+# lr_end: a tenth of the learning rate, whichever it is (4e-6 for the default 4e-5).
+FAMILY_DEFAULTS = {"deepfloyd": {"lr": 4e-5, "lr_schedule": "polynomial"}}
+FAMILY_LR_END = {"deepfloyd": 0.1}
 
 
 @dataclass
@@ -34,6 +45,7 @@ class CommonConfig:
     # trained alongside so that prompts without it keep the base model's behaviour
     steps: int = 500
     lr: float = 1e-4
+    lr_end: float | None = None  # cosine / polynomial: the rate they decay to (None: 0)
     optimizer: str = "adafactor"
     lr_schedule: str = "constant"
     warmup: int = 0
@@ -62,6 +74,12 @@ class LoraConfig(CommonConfig):
     alpha: float | None = None  # None: = rank (scale 1)
     targets: str = "attn"
     train_text_encoder: bool = False
+    # DeepFloyd IF (training/if_train.py); model_family is checked against the detected family
+    model_family: str | None = None
+    model_flavour: str | None = None  # IF_FLAVOURS; chooses stage I or II
+    upscaler: str | None = None  # stage II: the IF-II folder (MODEL stays IF-I: its T5 is used)
+    resolution_type: str = "pixel"
+    validation_resolution: str | None = None  # "64,96,64x96,96x64" (WxH or a side); IF only
 
 
 @dataclass
@@ -73,7 +91,7 @@ class EmbeddingConfig(CommonConfig):
     optimizer: str = "adamw"
 
 
-PATH_SETTINGS = ("model", "data", "out", "reg_data", "cache_dir")  # str or os.PathLike
+PATH_SETTINGS = ("model", "data", "out", "reg_data", "cache_dir", "upscaler")  # str or os.PathLike
 
 
 def _read_file(path: Path) -> dict:
@@ -186,12 +204,58 @@ def resolve(cls, config_file: str | Path | None, flags: dict, complete: bool = T
     given = {k: v for k, v in flags.items() if v is not None}
     merged.update(given)
     from_file -= set(given)  # a flag overrides the file: errors then name the flag
+    if isinstance(merged.get("validation_resolution"), int) \
+            and not isinstance(merged["validation_resolution"], bool):
+        merged["validation_resolution"] = str(merged["validation_resolution"])  # `= 64` in TOML
     _check_types(cls, merged, config_file, from_file)
     merged = {k: (os.fspath(v) if k in PATH_SETTINGS and isinstance(v, os.PathLike) else v)
               for k, v in merged.items()}
+    family = family_hint(merged) if cls is LoraConfig else None
+    for k, v in FAMILY_DEFAULTS.get(family, {}).items():
+        merged.setdefault(k, v)  # only where neither the file nor a flag gave it
+    if family in FAMILY_LR_END and "lr_end" not in merged and _type_ok(merged["lr"], "float", "lr"):
+        merged["lr_end"] = float(f"{merged['lr'] * FAMILY_LR_END[family]:.6g}")
     cfg = cls(**merged)
     check(cfg, complete, config_file, from_file)
     return cfg
+
+
+def family_hint(settings: dict) -> str | None:
+    """The family the settings point at before any model is resolved: model_family, else
+    deepfloyd for a model_flavour or upscaler, else what MODEL's model_index.json names (no
+    tensor read; a broken folder is left for resolve_model to report)."""
+    if settings.get("model_family"):
+        return settings["model_family"]
+    if settings.get("model_flavour") or settings.get("upscaler"):
+        return "deepfloyd"
+    model = settings.get("model")
+    if model:
+        index = Path(model).expanduser() / "model_index.json"
+        try:
+            cls = json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return None
+        from ..families import FAMILIES
+
+        for f in FAMILIES.values():
+            if f.space == "pixel" and cls in f.pipeline_classes:
+                return f.name
+    return None
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """"64,96,64x96,96x64" -> [(64, 64), (96, 96), (64, 96), (96, 64)] as (width, height)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        w, _, h = part.partition("x")
+        if not (w.isdigit() and (not h or h.isdigit())):
+            raise ValueError(part)
+        size = (int(w), int(h or w))
+        if min(size) < 8:
+            raise ValueError(part)
+        out.append(size)
+    return out
 
 
 def check(cfg: CommonConfig, complete: bool = True, config_file=None,
@@ -213,6 +277,9 @@ def check(cfg: CommonConfig, complete: bool = True, config_file=None,
             fail(name, f"an integer >= {lo}")
     if not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < 1):  # also refuses nan and inf
         fail("lr", "a learning rate in (0, 1), e.g. 1e-4")
+    if cfg.lr_end is not None and not 0 <= cfg.lr_end <= cfg.lr:
+        fail("lr_end", f"a learning rate from 0 to lr ({cfg.lr:g}), the end of a cosine or "
+                       "polynomial decay")
     for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                           ("mixed_precision", PRECISIONS), ("crop", CROPS)):
         if getattr(cfg, name) not in allowed:
@@ -243,6 +310,7 @@ def check(cfg: CommonConfig, complete: bool = True, config_file=None,
             fail("targets", "one of " + ", ".join(TARGETS))
         if complete and (not cfg.trigger or not cfg.trigger.strip()):
             raise SdcError("--trigger is required: the word(s) that call the LoRA up in a prompt")
+        _check_family_keys(cfg, fail)
     if isinstance(cfg, EmbeddingConfig):
         if (complete or cfg.token) and (not cfg.token or len(cfg.token.split()) != 1):
             fail("token", "one placeholder word, e.g. '<sks>'")
@@ -251,6 +319,45 @@ def check(cfg: CommonConfig, complete: bool = True, config_file=None,
         if isinstance(cfg.vectors, bool) or not isinstance(cfg.vectors, int) \
                 or not 1 <= cfg.vectors <= 16:
             fail("vectors", "an integer from 1 to 16")
+
+
+def _check_family_keys(cfg: LoraConfig, fail) -> None:
+    """The DeepFloyd IF keys among themselves; against the model's detected family they are
+    checked by lora_train.check_family once MODEL is resolved (metadata only)."""
+    from ..families import FAMILIES
+
+    if cfg.model_family is not None and cfg.model_family not in FAMILIES:
+        fail("model_family", "one of " + ", ".join(FAMILIES) + " (or leave it out: it is "
+                             "detected from MODEL)")
+    if cfg.resolution_type not in RESOLUTION_TYPES:
+        fail("resolution_type", "'pixel' (resolution is the side of the square in pixels: "
+                                "DeepFloyd IF trains stage I at 64, stage II at 256); "
+                                "SimpleTuner's 'area' / 'pixel_area' sizing is not supported")
+    deepfloyd = family_hint(asdict(cfg)) == "deepfloyd"
+    if cfg.model_flavour is not None:
+        if cfg.model_flavour not in IF_FLAVOURS:
+            fail("model_flavour", "a DeepFloyd IF flavour: one of " + ", ".join(IF_FLAVOURS))
+        if not deepfloyd:
+            fail("model_flavour", f"model_family deepfloyd with a flavour, not "
+                                  f"{cfg.model_family} (flavours name DeepFloyd IF's stages)")
+        stage_ii = IF_FLAVOURS[cfg.model_flavour] == "unet_2"
+        if stage_ii and not cfg.upscaler:
+            fail("model_flavour", "--upscaler IF-II-DIR alongside: ii-* flavours train stage "
+                                  "II's UNet, read from the IF-II folder (MODEL stays the IF-I "
+                                  "folder, whose T5 encodes the captions)")
+        if not stage_ii and cfg.upscaler:
+            fail("model_flavour", "an ii-* flavour (ii-medium-450m, ii-large-1.2b) with "
+                                  "--upscaler, which trains stage II; drop --upscaler to train "
+                                  "stage I")
+    if cfg.upscaler is not None and cfg.model_family not in (None, "deepfloyd"):
+        fail("upscaler", f"no upscaler for model_family {cfg.model_family}: it is DeepFloyd "
+                         "IF's stage II folder")
+    if cfg.validation_resolution is not None:
+        try:
+            parse_sizes(cfg.validation_resolution)
+        except ValueError as e:
+            fail("validation_resolution", f"sizes like '64,96,64x96,96x64' (a side or WxH, "
+                                          f"each >= 8), not {str(e)!r}")
 
 
 def as_json(cfg: CommonConfig) -> str:

@@ -11,6 +11,8 @@ Metadata in the file (read back by `sdc inspect` and recorded in build manifests
 `lora_adapter_metadata` (rank, alpha, targets per component) plus `sdc.trigger`, `sdc.base_model`,
 `sdc.base_model_sha256`, `sdc.rank`, `sdc.alpha`, `sdc.target_modules`, `sdc.steps`,
 `sdc.resolution`, `sdc.version`.
+
+A DeepFloyd IF MODEL (stage I, or stage II with `upscaler`) is trained by if_train.py.
 """
 
 from __future__ import annotations
@@ -52,22 +54,46 @@ def _check_out(out: Path) -> None:
         raise SdcError(f"--out {out}: folder {out.parent} does not exist; create it first")
 
 
+def check_family(cfg: LoraConfig, source) -> None:
+    """The family keys against the family MODEL is (detected from its metadata, nothing loaded
+    yet): a one-line error naming the key when they disagree."""
+    spec = source.spec
+    if cfg.model_family is not None and cfg.model_family != source.family:
+        from ..families import family as family_of
+
+        title = family_of(cfg.model_family).title
+        raise SdcError(f"model_family = {cfg.model_family!r} ({title}), but MODEL {source.path} "
+                       f"is a {spec.title} model ({source.family}); fix model_family or leave it "
+                       "out (it is detected)")
+    if source.family != "deepfloyd":
+        for key in ("model_flavour", "validation_resolution"):
+            if getattr(cfg, key) is not None:
+                raise SdcError(f"{key} = {getattr(cfg, key)!r} is read for DeepFloyd IF models; "
+                               f"MODEL {source.path} is {spec.title}: leave it out")
+
+
 def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], None] = print,
                progress: Callable[[int, int, float], None] | None = None) -> dict:
-    import torch
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig as PeftConfig
-
     t_start = time.perf_counter()
     out = Path(cfg.out)
     _check_out(out)
-    check_peft_stack()
     progress = progress or (lambda step, total, loss: None)
     from .data import check_trigger, read_folder
 
     check_trigger(read_folder(Path(cfg.data), cfg.instance_prompt), cfg.trigger)
-    source = resolve_model(cfg.model)
+    # the model's family from its metadata, before torch is imported: a mismatch fails at once
+    source = resolve_model(cfg.model, upscaler=cfg.upscaler)
+    check_family(cfg, source)
     common.check_trainable(source, "train-lora")
+    check_peft_stack()
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig as PeftConfig
+
+    if source.spec.space == "pixel":  # DeepFloyd IF: pixel-space stages, T5
+        from .if_train import train_if_lora
+
+        return train_if_lora(cfg, source, resume, log, progress, t_start)
     base_hash = source.content_hash()
     if resume:  # a wrong checkpoint fails before minutes of loading and encoding
         common.check_checkpoint(Path(resume), {"base_model_sha256": base_hash, "kind": "lora"})
