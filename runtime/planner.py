@@ -203,12 +203,18 @@ def make_plan(manifest: dict, *, batch: int, cfg: bool, width: int, height: int,
         low = min(plans, key=lambda p: p.peak)
         hint = ("rebuild with more --unet-chunks to lower the UNet's share" if low.chunks else
                 "rebuild with --unet-chunks 4 (the UNet's weights are its floor now)")
+        what = f"{low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}"
+        if low.pixel:  # a cascade: no chunks, no VAE; the largest stage is the floor
+            top = max(low.stages, key=lambda st: st.peak)
+            what = f"{top.stage} the largest stage, {low.micro} row(s) per pass"
+            hint = (f"put {top.stage} on the CPU beside a CUDA run (--stage-provider "
+                    f"{top.stage}=cpu), quantize it (sdc build --from ... --precision int8)")
         # rounded UP to a whole MiB: the figure is one the user can pass back and have accepted
         # (candidate plans do not depend on the budget's value, so the same plan then fits)
         need = min_budget_mib(low.peak)
         raise SdcError(f"--vram-budget {_exact(budget)}: no plan fits; the smallest budget that "
                        f"fits this build at {width}x{height}, batch {batch} is {need} MiB "
-                       f"({low.unet}, {low.micro} row(s) per pass, VAE tile {low.vae_tile or 'none'}); "
+                       f"({what}); "
                        f"give --vram-budget {need}MiB or more, {hint}, or "
                        "lower --width/--height/--batch")
     # the fastest; among plans within TIE of it (estimates are not finer), the smallest peak

@@ -157,6 +157,10 @@ def test_stage_i_build_and_refusals(if_folders, tmp_path):
     assert r.returncode != 0 and "IFSuperResolutionPipeline" in r.stderr
     r = run_sdc("build", two, "--out", tmp_path / "d", check=False)
     assert r.returncode != 0 and "IFSuperResolutionPipeline" in r.stderr
+    r = run_sdc("run", "x", "-a", out, "--plan", "--vram-budget", "1MiB", check=False)
+    assert r.returncode != 0 and "the largest stage" in r.stderr and "--unet-chunks" not in r.stderr
+    plan = run_sdc("run", "x", "-a", out, "--plan").stdout
+    assert "cascade     text_encoder -> unet," in plan and "vae tile" not in plan
     r = run_sdc("run", "x", "-a", out, "--noise-level", 1000, "--out", tmp_path / "y.png",
                 check=False)
     assert r.returncode != 0 and "--noise-level 1000" in r.stderr
