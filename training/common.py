@@ -363,6 +363,22 @@ def load_checkpoint(path: Path, expect: dict, steps: int) -> tuple[int, dict, di
     return int(state["step"]), tensors, opt
 
 
+def resume_into(resume, named: dict, opt, expect: dict, steps: int, log) -> int:
+    """--resume: the checkpoint's tensors copied into `named` {key: parameter} and its optimizer
+    state into `opt`; returns the step to continue from (0 without a checkpoint)."""
+    if not resume:
+        return 0
+    import torch
+
+    start, tensors, opt_state = load_checkpoint(Path(resume), expect, steps)
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(tensors[k])
+    opt.load_state_dict(opt_state)
+    log(f"resumed from {resume} at step {start}")
+    return start
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation images (diffusers' own pipeline on the model being trained)
 

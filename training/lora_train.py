@@ -141,14 +141,7 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
                   cfg.train_text_encoder, "seed": cfg.seed, "batch_size": cfg.batch_size,
                   "grad_accum": cfg.grad_accum, "resolution": prep.resolution,
                   "optimizer": cfg.optimizer}
-    start = 0
-    if resume:
-        start, tensors, opt_state = common.load_checkpoint(Path(resume), must_match, cfg.steps)
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(tensors[k])
-        opt.load_state_dict(opt_state)
-        log(f"resumed from {resume} at step {start}")
+    start = common.resume_into(resume, named, opt, must_match, cfg.steps, log)
     ckpt_dir = Path(str(out) + ".checkpoints")
     samples_dir = out.with_suffix(".samples")
     trigger_prompt = next((c for c in prep.captions if cfg.trigger.lower() in c.lower()),
