@@ -92,36 +92,13 @@ UNET_II = {
 }
 
 MAKE_MODEL = r"""
-import json, sys, torch
+import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from if_models import (write_t5_tokenizer, _scheduler, _index, SCHEDULER_I, SCHEDULER_II,
-                       NOISING_SCHEDULER)
-from diffusers import UNet2DConditionModel
-from transformers import T5Config, T5EncoderModel
+from if_models import write_if_folders
 cfg = json.loads(sys.argv[3])
-root = Path(sys.argv[1]); one, two = root / "IF-I-M-random", root / "IF-II-M-random"
-counts = {}
-vocab = write_t5_tokenizer(one / "tokenizer"); write_t5_tokenizer(two / "tokenizer")
-assert vocab < cfg["t5"]["vocab_size"], vocab
-counts["tokenizer_vocab"] = vocab
-torch.manual_seed(0)
-def save(m, path, key):
-    counts[key] = sum(p.numel() for p in m.parameters())
-    m.save_pretrained(path, safe_serialization=True); del m
-save(T5EncoderModel(T5Config(**cfg["t5"])), one / "text_encoder", "text_encoder")
-save(UNet2DConditionModel(**cfg["unet_i"]), one / "unet", "unet_i")
-save(UNet2DConditionModel(**cfg["unet_ii"]), two / "unet", "unet_ii")
-_scheduler(one, "scheduler", SCHEDULER_I); _scheduler(two, "scheduler", SCHEDULER_II)
-_scheduler(two, "image_noising_scheduler", NOISING_SCHEDULER)
-_index(one, "IFPipeline", {"text_encoder": ["transformers", "T5EncoderModel"],
-                           "tokenizer": ["transformers", "T5TokenizerFast"],
-                           "unet": ["diffusers", "UNet2DConditionModel"],
-                           "scheduler": ["diffusers", "DDPMScheduler"]})
-_index(two, "IFSuperResolutionPipeline", {
-    "text_encoder": [None, None], "tokenizer": ["transformers", "T5TokenizerFast"],
-    "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
-    "image_noising_scheduler": ["diffusers", "DDPMScheduler"]})
+root = Path(sys.argv[1])
+_, _, counts = write_if_folders(root / "IF-I-M-random", root / "IF-II-M-random", cfg, seed=0)
 (root / "params.json").write_text(json.dumps(counts, indent=1))
 print(json.dumps(counts))
 """

@@ -26,13 +26,13 @@ def _config(path: Path, folder: Path) -> dict:
     return _read_config(path, folder)
 
 
-def _check_unet(unet: dict, folder: Path, what: str, in_channels: int) -> None:
+def _check_unet(unet: dict, folder: Path, in_channels: int) -> None:
     if unet.get("in_channels") != in_channels or unet.get("out_channels") != 6:
-        raise SdcError(f"{folder}: {what} UNet has in_channels={unet.get('in_channels')}, "
+        raise SdcError(f"{folder}: its UNet has in_channels={unet.get('in_channels')}, "
                        f"out_channels={unet.get('out_channels')}; expected {in_channels} in and 6 "
                        "out (IF's learned variance)")
     if unet.get("addition_embed_type") != "text":
-        raise SdcError(f"{folder}: {what} UNet has addition_embed_type="
+        raise SdcError(f"{folder}: its UNet has addition_embed_type="
                        f"{unet.get('addition_embed_type')!r}, expected 'text' (IF's pooled T5 "
                        "conditioning); is this a DeepFloyd IF folder?")
 
@@ -47,7 +47,7 @@ def check_if_folder(folder: Path, family: Family) -> None:
         if not (folder / part / "config.json").is_file():
             raise SdcError(f"{folder}: missing {part}/config.json; expected a DeepFloyd IF stage I "
                            "folder")
-    _check_unet(_config(folder / "unet" / "config.json", folder), folder, "its", 3)
+    _check_unet(_config(folder / "unet" / "config.json", folder), folder, 3)
 
 
 def upscaler_parts(upscaler: str | None, family: Family) -> dict:
@@ -72,10 +72,9 @@ def upscaler_parts(upscaler: str | None, family: Family) -> dict:
     if missing:
         raise SdcError(f"--upscaler {upscaler}: missing {', '.join(p + '/' for p in missing)}; "
                        "expected an IF stage II folder")
-    _check_unet(_config(folder / "unet" / "config.json", folder), folder, "its", 6)
-    for sub in ("unet",):
-        if not any(p.suffix in (".safetensors", ".bin") for p in (folder / sub).iterdir()):
-            raise SdcError(f"--upscaler {upscaler}: {sub}/ has no weights (.safetensors or .bin)")
+    _check_unet(_config(folder / "unet" / "config.json", folder), folder, 6)
+    if not any(p.suffix in (".safetensors", ".bin") for p in (folder / "unet").iterdir()):
+        raise SdcError(f"--upscaler {upscaler}: unet/ has no weights (.safetensors or .bin)")
     return {ours: (folder, theirs) for ours, theirs in UPSCALER_COMPONENTS.items()}
 
 

@@ -26,6 +26,7 @@ from ..fusion.safetensors_file import read_safetensors
 from ..runtime.manifest import sha256_file
 from ..families import FAMILIES, Family, ModelDims
 from ..families.base import DATA
+from ..families.deepfloyd import UPSCALER_COMPONENTS
 from ..families import family as family_of
 
 SDC_TINY = Path(__file__).parent / "data" / "sdc-tiny"
@@ -305,7 +306,7 @@ class ModelSource:
 
     def optional_components(self) -> tuple[str, ...]:
         """Components a build may go without (IF's stage II, without --upscaler)."""
-        return tuple(c for c in self.spec.components if c in _UPSCALER_PARTS
+        return tuple(c for c in self.spec.components if c in UPSCALER_COMPONENTS
                      and c not in self.parts) if self.spec.space == "pixel" else ()
 
     def scheduler_config(self) -> dict:
@@ -404,9 +405,6 @@ class ModelSource:
             self._tmp = None
 
 
-_UPSCALER_PARTS = ("unet_2",)
-
-
 def _diffusers_weight_files(folder: Path, family: Family | None = None,
                             parts: dict | None = None) -> list[Path]:
     family = family or family_of("sd1")
@@ -414,8 +412,8 @@ def _diffusers_weight_files(folder: Path, family: Family | None = None,
     for part in family.components:
         if part in (parts or {}):
             continue  # hashed with its own folder (ModelSource.file_hashes)
-        if part in _UPSCALER_PARTS and family.space == "pixel":
-            continue
+        if family.space == "pixel" and part in UPSCALER_COMPONENTS:
+            continue  # from --upscaler's folder, or not built
         found = sorted(p for p in (folder / part).iterdir()
                        if p.suffix in (".safetensors", ".bin") and p.is_file())
         if not found:

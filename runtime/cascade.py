@@ -75,18 +75,29 @@ def output_size(manifest: dict, stages: list[str], width: int, height: int) -> t
     return width, height
 
 
-def _scheduler(engine, rel: str, name: str | None, variance: str | None, what: str):
-    from .schedulers import make_scheduler
+def upscale_settings(opts, manifest: dict) -> tuple[int, float, int]:
+    """Stage II's (steps, guidance, noise level): the request's, else the model's defaults
+    (`defaults.upscale_*`), else IF's 50, 4.0 and the build's cascade noise level (250)."""
+    defaults = manifest.get("defaults") or {}
+    up = (manifest.get("cascade") or {}).get("upscale") or {}
+    steps = opts.upscale_steps or int(defaults.get("upscale_steps", 50))
+    guidance = float(opts.upscale_guidance if opts.upscale_guidance is not None
+                     else defaults.get("upscale_guidance", 4.0))
+    level = opts.noise_level if opts.noise_level is not None else int(up.get("noise_level", 250))
+    return steps, guidance, level
 
-    config = dict(read_json_object(contained(engine.folder, rel, what)))
-    cls = config.get("_class_name")
+
+def _scheduler(engine, entry: dict, name: str | None, variance: str | None, what: str):
+    """The scheduler a manifest entry {"class", "config"} names (or `name`), with the variance
+    type forced when given (DDPM only: the other schedulers drop the variance half)."""
+    from .schedulers import SCHEDULERS, make_scheduler
+
+    config = read_json_object(contained(engine.folder, entry["config"], what))
     if name is None:
-        from .schedulers import SCHEDULERS
-
-        name = next((n for n, s in SCHEDULERS.items() if s.diffusers_class == cls), "ddpm")
-    if variance is not None and name == "ddpm":
-        config["variance_type"] = variance
-    return make_scheduler(name, config)
+        name = next((n for n, s in SCHEDULERS.items()
+                     if s.diffusers_class == entry.get("class")), "ddpm")
+    forced = {"variance_type": variance} if variance is not None and name == "ddpm" else {}
+    return make_scheduler(name, config, **forced)
 
 
 def _keeps_variance(scheduler) -> bool:
@@ -112,7 +123,7 @@ def run_cascade(engine, run, cond: dict) -> list:
         run.log(f"[cascade] a LoRA is applied: sampling with variance_type={variance}")
     c = manifest["model"]["latent_channels"]
     first = stages[0]
-    scheduler = _scheduler(engine, manifest["scheduler"]["config"], job.scheduler, variance,
+    scheduler = _scheduler(engine, manifest["scheduler"], job.scheduler, variance,
                            "scheduler.config")
     scheduler.set_timesteps(opts.steps)
     shape = (opts.batch, c, job.height, job.width)
@@ -124,14 +135,10 @@ def run_cascade(engine, run, cond: dict) -> list:
         return [image[i:i + 1] for i in range(len(image))]
     up = manifest["cascade"]["upscale"]
     t0 = time.perf_counter()
-    sr = _scheduler(engine, up["scheduler"]["config"], None, variance,
-                    "cascade.upscale.scheduler.config")
-    noiser = _scheduler(engine, up["noising_scheduler"]["config"], "ddpm", None,
+    sr = _scheduler(engine, up["scheduler"], None, variance, "cascade.upscale.scheduler.config")
+    noiser = _scheduler(engine, up["noising_scheduler"], "ddpm", None,
                         "cascade.upscale.noising_scheduler.config")
-    steps = opts.upscale_steps or (manifest.get("defaults") or {}).get("upscale_steps", 50)
-    guidance = opts.upscale_guidance if opts.upscale_guidance is not None else \
-        (manifest.get("defaults") or {}).get("upscale_guidance", 4.0)
-    level = opts.noise_level if opts.noise_level is not None else up["noise_level"]
+    steps, guidance, level = upscale_settings(opts, manifest)
     sr.set_timesteps(steps)
     h, w = job.height * up["factor"], job.width * up["factor"]
     x2 = _noise(run, (opts.batch, c, h, w)) * np.float32(sr.init_noise_sigma)
@@ -139,13 +146,10 @@ def run_cascade(engine, run, cond: dict) -> list:
     upscaled = noiser.add_noise(upscaled, _noise(run, upscaled.shape),
                                 np.full(opts.batch, level)).astype(np.float32)
     engine._timed(run, "upscale_input", t0)
-    rows = 2 if guidance > 1.0 else 1
-    cond_2 = dict(cond) if rows == 2 or opts.guidance <= 1.0 else \
-        {k: v[opts.batch:] for k, v in cond.items()}  # stage I's CFG rows, the prompt half
-    if rows == 2 and opts.guidance <= 1.0:
-        raise SdcError("--upscale-guidance > 1 needs the negative prompt's states, which a stage "
-                       "I run with --guidance <= 1 does not encode; give both or neither > 1")
-    cond_2["class_labels"] = np.full(len(cond_2["encoder_hidden_states"]), level, np.float32)
+    # the prompt's rows as encoded (with the negative's when either stage guides); denoise
+    # takes the prompt half for a stage that does not guide
+    cond_2 = {**cond, "class_labels": np.full(len(cond["encoder_hidden_states"]), level,
+                                              np.float32)}
     out = engine.denoise(run, x2, cond_2, sr.timesteps, sr, stage=stages[1], guidance=guidance,
                          keep_variance=_keeps_variance(sr), concat=upscaled)
     return [out[i:i + 1] for i in range(len(out))]

@@ -427,8 +427,11 @@ class Engine:
         t0 = time.perf_counter()
         opts = run.job.opts
         family = self.manifest["family"]
-        cfg = opts.guidance > 1.0 or (bool(run.job.cascade[1:]) and _upscale_guidance(
-            opts, self.manifest) > 1.0)  # a cascade's stage II may guide when stage I does not
+        cfg = opts.guidance > 1.0
+        if run.job.cascade[1:]:  # a cascade's stage II may guide when stage I does not
+            from .cascade import upscale_settings
+
+            cfg = cfg or upscale_settings(opts, self.manifest)[1] > 1.0
         texts = [opts.negative, run.job.text] if cfg else [run.job.text]
         if self.manifest.get("embeddings"):  # multi-vector textual-inversion tokens expand to n
             from ..fusion.embeddings import expand_prompt
@@ -655,13 +658,6 @@ class Engine:
         run.warnings += warnings
         self._timed(run, stage, t0)
         return pixels
-
-
-def _upscale_guidance(opts, manifest: dict) -> float:
-    """A cascade's stage II guidance: --upscale-guidance, the model's default, else IF's 4."""
-    if opts.upscale_guidance is not None:
-        return float(opts.upscale_guidance)
-    return float((manifest.get("defaults") or {}).get("upscale_guidance", 4.0))
 
 
 def _identity(path: Path) -> tuple:

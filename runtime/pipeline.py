@@ -357,13 +357,10 @@ def _plan(opts: GenerateOptions, manifest: dict, width: int, height: int):
               steps=opts.steps, vae_tile=opts.vae_tile, cfg_split=opts.cfg_split,
               img2img=opts.init_image is not None, host=frozenset(_host_stages(opts, manifest)))
     if manifest["family"].get("space") == "pixel":
-        from .cascade import cascade_stages
-        from .engine import _upscale_guidance
+        from .cascade import cascade_stages, upscale_settings
 
-        defaults = manifest.get("defaults") or {}
-        kw["cascade"] = (cascade_stages(manifest, opts.cascade),
-                         opts.upscale_steps or defaults.get("upscale_steps", 50),
-                         _upscale_guidance(opts, manifest) > 1.0)
+        steps_2, guidance_2, _ = upscale_settings(opts, manifest)
+        kw["cascade"] = (cascade_stages(manifest, opts.cascade), steps_2, guidance_2 > 1.0)
     plan = make_plan(manifest, budget=budget, **kw)
     # A plan above the machine's memory cannot run: refuse it now, before anything is allocated
     # (65536² would otherwise die in an allocation minutes in, or take the machine into swap).

@@ -114,22 +114,41 @@ def _index(folder: Path, cls: str, parts: dict) -> None:
 
 def make_if_folders(root: Path, seed: int = 5) -> tuple[Path, Path]:
     """(stage I folder, stage II folder) under `root`: tiny IF-I and IF-II diffusers folders."""
+    root = Path(root)
+    (root / "IF-I-tiny").mkdir(parents=True, exist_ok=True)
+    vocab = write_t5_tokenizer(root / "IF-I-tiny" / "tokenizer")
+    t5 = t5_config(vocab)
+    one, two, _ = write_if_folders(root / "IF-I-tiny", root / "IF-II-tiny", {
+        "t5": t5, "unet_i": unet_i_config(t5["d_model"]),
+        "unet_ii": unet_ii_config(t5["d_model"])}, seed)
+    return one, two
+
+
+def write_if_folders(one: Path, two: Path, configs: dict, seed: int) -> tuple[Path, Path, dict]:
+    """IF-I and IF-II diffusers folders from `configs` {"t5", "unet_i", "unet_ii"} with random
+    weights (seeded), this module's tokenizer and IF's schedulers; also {module: parameters}.
+    (bench/deepfloyd_fullsize.py writes the full-size architectures with it.)"""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
-    root = Path(root)
-    one, two = root / "IF-I-tiny", root / "IF-II-tiny"
     for folder in (one, two):
         folder.mkdir(parents=True, exist_ok=True)
     vocab = write_t5_tokenizer(one / "tokenizer")
     write_t5_tokenizer(two / "tokenizer")
-    config = t5_config(vocab)
+    if vocab > configs["t5"]["vocab_size"]:
+        raise ValueError(f"the tokenizer's {vocab} ids exceed the T5's vocab_size")
+    counts = {"tokenizer_vocab": vocab}
+
+    def save(module, path, key):
+        counts[key] = sum(p.numel() for p in module.parameters())
+        module.save_pretrained(path, safe_serialization=True)
+
     with quiet_torch_stack():
         torch.manual_seed(seed)
-        T5EncoderModel(T5Config(**config)).save_pretrained(one / "text_encoder")
-        UNet2DConditionModel(**unet_i_config(config["d_model"])).save_pretrained(one / "unet")
-        UNet2DConditionModel(**unet_ii_config(config["d_model"])).save_pretrained(two / "unet")
+        save(T5EncoderModel(T5Config(**configs["t5"])), one / "text_encoder", "text_encoder")
+        save(UNet2DConditionModel(**configs["unet_i"]), one / "unet", "unet_i")
+        save(UNet2DConditionModel(**configs["unet_ii"]), two / "unet", "unet_ii")
     _scheduler(one, "scheduler", SCHEDULER_I)
     _scheduler(two, "scheduler", SCHEDULER_II)
     _scheduler(two, "image_noising_scheduler", NOISING_SCHEDULER)
@@ -142,7 +161,7 @@ def make_if_folders(root: Path, seed: int = 5) -> tuple[Path, Path]:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", "DDPMScheduler"],
         "image_noising_scheduler": ["diffusers", "DDPMScheduler"]})
-    return one, two
+    return one, two, counts
 
 
 def load_if_pipelines(one: Path, two: Path):

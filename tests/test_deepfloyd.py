@@ -100,7 +100,6 @@ def test_build_gates_every_graph_and_records_the_cascade(if_build):
     assert manifest["family"]["roles"] == {"text_encoder": "text", "unet": "denoise",
                                            "unet_2": "upscale"}
     for stage, graph in manifest["graphs"].items():
-        assert graph["parity"]["passed"] if "passed" in graph["parity"] else True
         assert graph["parity"]["value"] <= graph["parity"]["threshold"], stage
     io = {s: [t["name"] for t in g["inputs"]] for s, g in manifest["graphs"].items()}
     assert io["text_encoder"] == ["input_ids", "attention_mask"]
@@ -113,7 +112,10 @@ def test_build_gates_every_graph_and_records_the_cascade(if_build):
     assert manifest["memory_profile"]["graphs"]["unet_2"]["whole"]["points"][-1]["lat"] == 64
 
 
-@pytest.mark.parametrize("negative,guidance,guidance_2", [("", 7.0, 4.0), ("blurry", 5.0, 1.0)])
+# CFG on both stages; stage II unguided; stage I unguided with stage II guided (the negative's
+# states are then encoded for stage II only)
+@pytest.mark.parametrize("negative,guidance,guidance_2", [("", 7.0, 4.0), ("blurry", 5.0, 1.0),
+                                                         ("blurry", 1.0, 4.0)])
 def test_run_matches_diffusers_if_pipelines(if_build, if_folders, monkeypatch, negative, guidance,
                                             guidance_2):
     prompt, seed, steps, steps_2 = "a photo of a red circle", 11, 6, 4

@@ -363,6 +363,33 @@ def load_checkpoint(path: Path, expect: dict, steps: int) -> tuple[int, dict, di
     return int(state["step"]), tensors, opt
 
 
+def between_steps(done: int, cfg: CommonConfig, named: dict, opt, state: dict, validate,
+                  ckpt_dir: Path, samples_dir: Path) -> None:
+    """After step `done` (before the last): the periodic checkpoint and sample image."""
+    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        check_finite(named, cfg, "LoRA weight")
+        ckpt_dir.mkdir(exist_ok=True)
+        save_checkpoint(ckpt_dir, done, named, opt, state)
+    if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
+        validate(done, samples_dir / f"step-{done:06d}.png")
+
+
+def finish(out: Path, write, named: dict, cfg: CommonConfig, opt, state: dict, validate,
+           ckpt_dir: Path) -> Path:
+    """A trained adapter's last steps: its tensors checked finite, the file written atomically
+    by `write(tmp)`, the final sample grid (OUT.samples.png) when asked, and the final
+    checkpoint when checkpointing; returns the grid's path."""
+    check_finite(named, cfg, "LoRA weight")
+    atomic_write(out, write)
+    grid_path = out.with_suffix(".samples.png")
+    if cfg.samples:
+        validate(cfg.steps, grid_path)
+    if cfg.checkpoint_every:
+        ckpt_dir.mkdir(exist_ok=True)
+        save_checkpoint(ckpt_dir, cfg.steps, named, opt, state)
+    return grid_path
+
+
 def resume_into(resume, named: dict, opt, expect: dict, steps: int, log) -> int:
     """--resume: the checkpoint's tensors copied into `named` {key: parameter} and its optimizer
     state into `opt`; returns the step to continue from (0 without a checkpoint)."""

@@ -376,13 +376,8 @@ def train_if_lora(cfg: LoraConfig, source, resume: str | None, log: Callable[[st
                                         advice=advice, start=start, loss_of=loss_of))
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            common.check_finite(named, cfg, "LoRA weight")
-            ckpt_dir.mkdir(exist_ok=True)
-            common.save_checkpoint(ckpt_dir, done, named, opt,
-                                   {**must_match, "base_model": source.name})
-        if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
-            validate(done, samples_dir / f"step-{done:06d}.png")
+        common.between_steps(done, cfg, named, opt, {**must_match, "base_model": source.name},
+                             validate, ckpt_dir, samples_dir)
     train_s = time.perf_counter() - t_train
 
     st = prep.stats
@@ -402,15 +397,9 @@ def train_if_lora(cfg: LoraConfig, source, resume: str | None, log: Callable[[st
     if stage == "unet_2":
         metadata.update({"sdc.upscale_factor": str(prep.factor),
                          "sdc.upscaler": Path(source.parts["unet_2"][0]).name})
-    common.check_finite(named, cfg, "LoRA weight")
-    common.atomic_write(out, lambda tmp: _write_lora(tmp, unet, None, metadata))
-    grid_path = out.with_suffix(".samples.png")
-    if cfg.samples:
-        validate(cfg.steps, grid_path)
-    if cfg.checkpoint_every:
-        ckpt_dir.mkdir(exist_ok=True)
-        common.save_checkpoint(ckpt_dir, cfg.steps, named, opt,
-                               {**must_match, "base_model": source.name})
+    grid_path = common.finish(out, lambda tmp: _write_lora(tmp, unet, None, metadata), named,
+                              cfg, opt, {**must_match, "base_model": source.name}, validate,
+                              ckpt_dir)
     from ..export.memory import process_peak_rss_bytes
 
     result = {"out": str(out), "samples": str(grid_path) if cfg.samples else None,

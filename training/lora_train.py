@@ -177,13 +177,8 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
         losses.append(step_loss)
         done = step + 1
         progress(done, cfg.steps, float(np.mean(losses[-20:])))
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            common.check_finite(named, cfg, "LoRA weight")
-            ckpt_dir.mkdir(exist_ok=True)
-            common.save_checkpoint(ckpt_dir, done, named, opt,
-                                   {**must_match, "base_model": source.name})
-        if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
-            validate(done, samples_dir / f"step-{done:06d}.png")
+        common.between_steps(done, cfg, named, opt, {**must_match, "base_model": source.name},
+                             validate, ckpt_dir, samples_dir)
     train_s = time.perf_counter() - t_train
 
     metadata = {
@@ -193,15 +188,9 @@ def train_lora(cfg: LoraConfig, resume: str | None = None, log: Callable[[str], 
         "sdc.steps": str(cfg.steps), "sdc.resolution": str(prep.resolution),
         "sdc.version": __version__,
     }
-    common.check_finite(named, cfg, "LoRA weight")
-    common.atomic_write(out, lambda tmp: _write_lora(tmp, unet, text_encoder, metadata))
-    grid_path = out.with_suffix(".samples.png")
-    if cfg.samples:
-        validate(cfg.steps, grid_path)
-    if cfg.checkpoint_every:
-        ckpt_dir.mkdir(exist_ok=True)
-        common.save_checkpoint(ckpt_dir, cfg.steps, named, opt,
-                               {**must_match, "base_model": source.name})
+    grid_path = common.finish(out, lambda tmp: _write_lora(tmp, unet, text_encoder, metadata),
+                              named, cfg, opt, {**must_match, "base_model": source.name},
+                              validate, ckpt_dir)
     from ..export.memory import process_peak_rss_bytes
 
     result = {"out": str(out), "samples": str(grid_path) if cfg.samples else None,
