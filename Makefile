@@ -17,7 +17,7 @@ RT_VENV := .venv-runtime
 # find-links there already); elsewhere, PyTorch's CPU index.
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: venv venv-runtime runtime-check demo test test-browser test-families test-ray browser-deps test-latest lock bench tiny-model clean interop interop-lock
+.PHONY: venv venv-runtime runtime-check demo test test-browser test-families test-ray browser-deps test-latest lock bench bench-cpu tiny-model clean interop interop-lock
 
 # The lock installs everything (torch first in its own call, so nothing can pull another torch),
 # then sdc itself without dependencies; `pip check` proves the set is consistent.
@@ -126,6 +126,29 @@ bench: venv
 	    --steps 10 --requests 2 --lora-steps 2
 	$(SDC) build --precision fp32
 	$(PY) bench/ray_throughput.py --build artifacts/sdc-tiny-fp32
+	$(MAKE) bench-cpu
+
+# CPU speed against OpenVINO (optimum-intel, fp32 and its default bf16-where-the-CPU-has-it) and
+# diffusers, same script and latents (bench/cpu_speed.py): 512² and 256², batch 1 and 4, sdc fp32
+# and w8a8. OpenVINO lives in its own .venv-openvino (requirements/openvino.txt, torch first).
+# ~1 h on 2 cores, on a quiet machine; makes BENCH_DIR/sd15-random and the builds when missing.
+OV_VENV := .venv-openvino
+$(OV_VENV)/.installed: Makefile requirements/openvino.txt requirements/torch-cpu.txt
+	test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --upgrade pip==26.3
+	$(OV_VENV)/bin/python -m pip install -q $(TORCH_SRC) -r requirements/torch-cpu.txt
+	$(OV_VENV)/bin/python -m pip install -q --no-deps $(TORCH_SRC) -r requirements/openvino.txt
+	@# optimum-intel declares torchvision, which its SD pipelines never import; PyPI's
+	@# torchvision is built for the CUDA torch and breaks every import against the CPU one
+	@# ("operator torchvision::nms does not exist"), so the lock leaves it out and pip check
+	@# may report exactly that line
+	$(OV_VENV)/bin/python -m pip check | grep -v '^optimum-intel .* requires torchvision, which is not installed' \
+	    | grep . && exit 1 || true
+	$(OV_VENV)/bin/python -c "from optimum.intel import OVStableDiffusionPipeline"
+	touch $@
+
+bench-cpu: venv $(OV_VENV)/.installed
+	$(PY) bench/cpu_speed.py --work $(BENCH_DIR) --ov-python $(OV_VENV)/bin/python
 
 # Retrain the built-in sdc-tiny from scratch (~40 min on 2 CPU cores) and evaluate it through the
 # ONNX path; writes export/data/sdc-tiny with its model card.
@@ -134,7 +157,7 @@ tiny-model: venv
 	$(PY) bench/tiny_eval.py export/data/sdc-tiny --record --grid docs/sdc-tiny-grid.png
 
 clean:
-	rm -rf artifacts/sdc-tiny-* .pytest_cache $(RT_VENV) $(LATEST_VENV) $(UV_VENV)
+	rm -rf artifacts/sdc-tiny-* .pytest_cache $(RT_VENV) $(LATEST_VENV) $(UV_VENV) $(OV_VENV)
 
 # Opt-in interop check: a fresh sdc-tiny build (made with .venv's sdc) must load in Hugging Face
 # Optimum's own ORTStableDiffusionPipeline and draw the same image as `sdc run` from the same

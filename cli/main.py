@@ -38,10 +38,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--precision", default=None, metavar="fp16|fp32|int8|int4",
+@click.option("--precision", default=None, metavar="fp16|fp32|int8|int4|w8a8",
               help="fp16 for GPU targets, fp32 for CPU targets (ORT's CPU runs fp16 slower); "
                    "int8/int4 quantize the weights (UNet int8/int4, text encoder int8, VAE fp16 "
-                   "weights) [default: fp16; with --from: the source's].")
+                   "weights); w8a8 is the CPU speed build (UNet on 8-bit activations and weights, "
+                   "integer kernels) [default: fp16; with --from: the source's].")
 @click.option("--stage-precision", default=None, metavar="STAGE=FMT,...",
               help="Per-stage weight formats over --precision, e.g. "
                    "text_encoder=int8,unet=int4,vae_decoder=fp32.")
@@ -49,7 +50,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="int4: weights per block (32, 64 or 128), each block with its own scale.")
 @click.option("--quality-target", default=None, metavar="DB",
               help="PSNR each quantized graph must reach on calibration inputs (e.g. 35dB); the "
-                   "most sensitive layer groups stay fp16 until it does [default: int8 35, int4 25].")
+                   "most sensitive layer groups stay fp16 until it does (w8a8: no search, a miss "
+                   "is refused) [default: int8 35, int4 25, w8a8 30].")
 @click.option("--sensitivities", is_flag=True,
               help="Measure every layer group's sensitivity even when the target is met.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -69,7 +71,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="LoRA to fuse (repeatable), e.g. seal.safetensors:0.8:down=0,mid=1,up=1,te=0.")
 @click.option("--from", "from_dir", type=click.Path(path_type=Path), default=None,
               help="Start from this existing build, without torch: re-fuse --lora into a copy, "
-                   "and/or quantize it (--precision int8|int4, --stage-precision).")
+                   "and/or quantize it (--precision int8|int4|w8a8, --stage-precision).")
 @click.option("--embedding", "embeddings", multiple=True, metavar="PATH[:TOKEN]",
               help="Textual-inversion embedding to add (repeatable); TOKEN defaults to its name.")
 @click.pass_obj

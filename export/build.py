@@ -478,7 +478,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     from ..quant import plan as qp
 
     if opts.precision not in qp.RECIPES:
-        raise SdcError(f"--precision {opts.precision}: expected one of fp16, fp32, int8, int4")
+        raise SdcError(f"--precision {opts.precision}: expected one of {', '.join(qp.RECIPES)}")
     if opts.precision not in PRECISIONS or opts.stage_precision:
         from ..quant.build import QuantizeOptions, quantize_build
 

@@ -30,6 +30,10 @@ RECIPES = {
              "encode_image": "fp16"},
     "int4": {"text": "int8", "denoise": "int4", "upscale": "int4", "decode": "fp16",
              "encode_image": "fp16"},
+    # CPU speed (quant/static.py): the UNets on 8-bit activations and weights, computed by the
+    # integer kernels; text encoder int8 weights; the VAE keeps float arithmetic
+    "w8a8": {"text": "int8", "denoise": "w8a8", "upscale": "w8a8", "decode": "fp16",
+             "encode_image": "fp16"},
 }
 
 # (path component, reason): weights under a module with this name stay in 16 bits.

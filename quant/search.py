@@ -71,15 +71,18 @@ def judge_copy(src: Path, work: Path) -> Path:
     return work / "model.onnx"
 
 
-def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | None = None
-              ) -> list[np.ndarray]:
-    """The graph's first output on each feed (CPU, the runtime's optimisation level), with
-    `weights` replacing external initializers by name."""
+def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | None = None,
+              level: str = "basic") -> list[np.ndarray]:
+    """The graph's first output on each feed (CPU, at the optimisation `level` the runtime
+    opens it at: runtime/sessions.py LEVELS), with `weights` replacing external initializers
+    by name."""
     import onnxruntime as ort
+
+    from ..runtime.sessions import optimization_level
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = optimization_level(level)
     # no MLAS pre-packing: these sessions live for a few runs, and packing would copy every
     # weight once more (the search's peak memory)
     opts.add_session_config_entry("session.disable_prepacking", "1")

@@ -25,6 +25,11 @@ def _quantization_lines(q: dict) -> list[str]:
     if q.get("target_db") is not None:
         lines.append(f"{pad}quality target {q['target_db']:g} dB, achieved {q['achieved_db']:.2f} dB "
                      "(worst calibration/parity input vs the float graph)")
+    st = q.get("static")
+    if st:
+        lines.append(f"{pad}8-bit activations: {st['quantized_nodes']} convs/linears on integer "
+                     f"kernels, {st['float_nodes']} float ({st['method']}, "
+                     f"{st['calibration_inputs']} calibration inputs)")
     if q.get("kept"):
         lines.append(f"{pad}kept in 16 bits: " + ", ".join(
             k.removesuffix(".weight") for k in sorted(q["kept"])))

@@ -28,7 +28,7 @@ PARITY = {"metric": str, "value": float, "threshold": float, "passed": bool}
 WEIGHTS = {"map": {"*": str}, "data?": {"*": list}, "data_file?": str, "unused?": [str]}
 GRAPH = {
     "files": [str], "inputs": [TENSOR], "outputs": [TENSOR], "precision": str,
-    "parity?": PARITY, "memory?": dict, "weights?": WEIGHTS, "opset?": int,
+    "parity?": PARITY, "memory?": dict, "weights?": WEIGHTS, "opset?": int, "optimization?": str,
     "tiled?": {"files": [str], "segments": [{"file": str}], "parity?": PARITY},
     "chunks?": {"files": [str], "parts": [{"file": str}], "parity?": dict},
     "quantization?": {"format": str, "layers": {"*": {"format": str, "bytes": int}},

@@ -23,6 +23,21 @@ PROVIDERS = ("auto", "cpu", "cuda")
 _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+# A graph's CPU session level, from its manifest entry (`optimization`, default basic). A w8a8
+# graph needs onnxruntime's QDQ fusions (extended and above) to compute in int8 at all.
+LEVELS = ("basic", "all")
+
+
+def optimization_level(name: str):
+    import onnxruntime as ort
+
+    if name not in LEVELS:
+        raise SdcError(f"graph optimization {name!r}: expected one of {', '.join(LEVELS)}; "
+                       "the build is newer than this sdc or damaged")
+    return {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
+
+
 def resolve_providers(choice: str) -> list[str]:
     import onnxruntime as ort
 
@@ -107,9 +122,9 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
     opts.log_severity_level = 3  # ORT's own warnings are about graph internals, not the user's input
     if wanted[0] == _ORT_NAMES["cpu"]:
         # On CPU the extended/layout optimisations cost ~10 s of session creation for the SD1.5
-        # UNet and buy no step time (13.6 s per CFG step either way, 2 cores); basic keeps
-        # constant folding and eliminations. Measured, see bench/README.md.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # fp32 UNet and buy ~10 % step time (bench/README.md); basic keeps constant folding and
+        # eliminations. A w8a8 graph records `optimization: all` (its QDQ units must fuse).
+        opts.graph_optimization_level = optimization_level(graph.get("optimization", "basic"))
     # ORT's memory pattern pre-plans one block for a run's activations but allocates it on the
     # second run while the first run's arena is still held: SD1.5 UNet peak 6.6 -> 9.2 GiB from
     # the second step on, and slower steps. Off: 6.6 GiB steady (measured, 2 cores, fp32, 512²).

@@ -1,0 +1,127 @@
+"""w8a8 builds (quant/static.py): sdc-tiny's UNet on 8-bit activations and weights.
+
+Oracles from outside: onnxruntime's own graph optimizer must turn the w8a8 graph into integer
+kernels (QLinearConv and integer matmuls) at the level the manifest records, the float build's
+graph and images are the references the gate and the test measure against, and `sdc run` must
+open the graph at that level (a BASIC session would compute the same graph in float).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_manifest, run_sdc
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def w8a8(builtin_build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w8a8") / "sdc-tiny-w8a8"
+    run_sdc("build", "--from", builtin_build, "--precision", "w8a8", "--out", out)
+    return out
+
+
+def test_w8a8_build_manifest(builtin_build, w8a8):
+    m = read_manifest(w8a8)
+    assert m["precision"] == "w8a8"
+    unet = m["graphs"]["unet"]
+    assert unet["precision"] == "w8a8" and unet["optimization"] == "all"
+    assert m["graphs"]["text_encoder"]["precision"] == "int8"
+    assert m["graphs"]["vae_decoder"]["precision"] == "fp16"
+    assert "optimization" not in m["graphs"]["vae_decoder"]
+    assert unet["parity"]["passed"] and unet["parity"]["value"] >= 30.0 == unet["parity"]["threshold"]
+    q = unet["quantization"]
+    info = q["static"]
+    # every conv and linear but the kept ones and the time embedding's path reads 8-bit inputs
+    assert info["quantized_nodes"] >= 45 and info["calibration_inputs"] == 12
+    kept = set(info["kept_float"].values())
+    assert any("conv_in" in why for why in kept) and any("time embedding" in why for why in kept)
+    assert info["float_nodes"] == len(info["kept_float"])
+    formats = {v["format"] for v in q["layers"].values()}
+    assert formats == {"w8a8", "fp32"}
+    assert q["layers"]["conv_in.weight"]["format"] == "fp32"
+    # int8 weights on disk: the UNet's data is ~1/4 of the float build's
+    fp32 = read_manifest(builtin_build)
+    data = lambda man: sum(e["bytes"] for r, e in man["files"].items()  # noqa: E731
+                           if r.startswith("unet/") and not r.endswith((".onnx", ".json")))
+    assert data(m) < 0.3 * data(fp32)
+    img = m["quantization"]["images"]
+    assert img["gated"] and img["worst_db"] >= img["threshold_db"] == 20.0
+    run_sdc("verify", w8a8)
+    text = run_sdc("inspect", w8a8).stdout
+    assert "w8a8" in text and "8-bit activations" in text
+
+
+def test_onnxruntime_runs_the_w8a8_unet_on_integer_kernels(w8a8, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from sdc.runtime.sessions import optimization_level
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = optimization_level(read_manifest(w8a8)["graphs"]["unet"]
+                                                       ["optimization"])
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(w8a8 / "unet" / "model.onnx"), opts,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"),
+                                        load_external_data=False).graph.node]
+    assert ops.count("QLinearConv") >= 30, sorted(set(ops))
+    integer_matmuls = sum(ops.count(o) for o in ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
+                                                 "DynamicQuantizeMatMul"))
+    assert integer_matmuls >= 10, sorted(set(ops))
+    assert ops.count("Conv") + ops.count("FusedConv") <= 4  # conv_in, conv_out (kept), no more
+
+
+def test_run_w8a8_image_close_to_fp32(builtin_build, w8a8, tmp_path):
+    from PIL import Image
+
+    def image(folder, name):
+        out = tmp_path / name
+        run_sdc("run", PROMPT, "-a", folder, "--seed", "7", "--out", out)
+        return np.asarray(Image.open(next(out.glob("*.png")))).astype(np.float64)
+
+    ref, img = image(builtin_build, "fp32"), image(w8a8, "w8a8")
+    psnr = 10 * np.log10(255 ** 2 / np.mean((img - ref) ** 2))
+    assert psnr >= 20.0, psnr
+
+
+def test_runtime_opens_w8a8_at_its_level(w8a8):
+    from sdc.runtime.manifest import load_manifest
+    from sdc.runtime.sessions import open_session
+
+    m = load_manifest(w8a8)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+             "timestep": np.array([500.0, 20.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 64)).astype(np.float32)}
+    graph = m["graphs"]["unet"]
+    fused = open_session(w8a8, "unet", graph, "cpu").run(feeds, 4)
+    # the same graph at the float level computes with dequantized values: close, not equal
+    plain = open_session(w8a8, "unet", {**graph, "optimization": "basic"}, "cpu").run(feeds, 4)
+    assert not np.array_equal(fused, plain)
+    assert np.abs(fused - plain).max() <= 0.1 * np.abs(plain).max()
+    with pytest.raises(Exception, match="graph optimization 'extended'"):
+        open_session(w8a8, "unet", {**graph, "optimization": "extended"}, "cpu")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--stage-precision", "vae_decoder=w8a8"), "tiling segments"),
+])
+def test_w8a8_refusals(builtin_build, tmp_path, args, message):
+    out = tmp_path / "bad"
+    proc = run_sdc("build", "--from", builtin_build, "--precision", "w8a8", *args, "--out", out,
+                   check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_w8a8_refuses_unet_chunks(chunked_tiny, tmp_path):
+    out = tmp_path / "bad"
+    proc = run_sdc("build", "--from", chunked_tiny, "--precision", "w8a8", "--out", out,
+                   check=False)
+    assert proc.returncode != 0 and "UNet chunks" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
