@@ -8,12 +8,18 @@ batch-2 64² call (one 512² CFG step), each setting in its own process (peak RS
                opened with optimisation off: what a run would pay to load it
   basic-1t     basic with 1 intra-op thread (the 2-core machine's other half idle)
   profile      basic with onnxruntime's profiler: time per op type over the call
+  w8a8         the UNet of a w8a8 build (--w8a8 BUILD: 8-bit activations and weights, opened at
+               ORT_ENABLE_ALL as the runtime does), and its profile (w8a8-profile)
+  ovep-bf16    onnxruntime's OpenVINO execution provider (onnxruntime-openvino, in its own venv:
+               --ortov-python) on the fp32 graph, INFERENCE_PRECISION_HINT bf16 through its
+               load_config; ovep-f32 the same at f32
 
 Each child runs the call three times (the first includes one-time kernel setup) and reports load
 seconds, the best of the later calls, and peak RSS. Outputs are compared with `basic`'s (max
 relative difference), so a faster setting that changes the numbers is seen as such.
 
-    python bench/cpu_levers.py BUILD_DIR [--only NAME,...]
+    python bench/cpu_levers.py BUILD_DIR [--only NAME,...] [--w8a8 W8A8_BUILD]
+        [--ortov-python .venv-ortov/bin/python]
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ RESULTS_DIR = HERE / "results"
 
 CHILD = r"""
 import json, sys, time, numpy as np, onnxruntime as ort
-model, level, threads, save, profile, out = sys.argv[1:7]
+model, level, threads, save, profile, out, ep = sys.argv[1:8]
 so = ort.SessionOptions()
 so.log_severity_level = 3
 so.enable_mem_pattern = False
@@ -53,7 +59,15 @@ if profile != "-":
     so.enable_profiling = True
     so.profile_file_prefix = profile
 t0 = time.perf_counter()
-s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+if ep == "-":
+    providers = ["CPUExecutionProvider"]
+else:
+    providers = [("OpenVINOExecutionProvider", {"device_type": "CPU", "load_config": json.dumps(
+        {"CPU": {"INFERENCE_PRECISION_HINT": ep}})}), "CPUExecutionProvider"]
+s = ort.InferenceSession(model, so, providers=providers)
+wanted = providers[0] if ep == "-" else providers[0][0]
+if s.get_providers()[0] != wanted:  # an EP that fails to start falls back to CPU silently
+    sys.exit(f"asked for {providers[0]}, got {s.get_providers()}")
 load = time.perf_counter() - t0
 rng = np.random.default_rng(0)
 feeds = {"sample": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
@@ -71,9 +85,9 @@ print(json.dumps({"load_s": round(load, 2), "calls_s": [round(t, 2) for t in tim
 """
 
 
-def run_child(args: list[str]) -> dict:
+def run_child(args: list[str], python: str = sys.executable) -> dict:
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=out,
+        proc = subprocess.Popen([python, "-c", CHILD, *args], stdout=out,
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         out.seek(0)
@@ -100,9 +114,14 @@ def by_op_type(profile_json: str) -> dict:
 def main() -> int:
     import numpy as np
 
+    from sdc.quant.formats import psnr
+
     ap = argparse.ArgumentParser()
     ap.add_argument("build", type=Path)
     ap.add_argument("--only", default="")
+    ap.add_argument("--w8a8", type=Path, default=None, help="a w8a8 build of the same model")
+    ap.add_argument("--ortov-python", default=None,
+                    help="a python with onnxruntime-openvino installed (not .venv's onnxruntime)")
     args = ap.parse_args()
     model = str(args.build / "unet" / "model.onnx")
     work = Path(tempfile.mkdtemp(prefix="sdc-levers-"))
@@ -112,6 +131,12 @@ def main() -> int:
         "all": ("all", 0, str(saved), "-"), "all-saved": (None, 0, "-", "-"),
         "basic-1t": ("basic", 1, "-", "-"), "profile": ("basic", 0, "-", str(work / "prof")),
     }
+    if args.w8a8:
+        settings["w8a8"] = ("all", 0, "-", "-")
+        settings["w8a8-profile"] = ("all", 0, "-", str(work / "prof-w8a8"))
+    if args.ortov_python:
+        settings["ovep-bf16"] = ("basic", 0, "-", "-")
+        settings["ovep-f32"] = ("basic", 0, "-", "-")
     only = [s for s in args.only.split(",") if s] or list(settings)
     res = {"build": str(args.build), "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
     try:
@@ -130,8 +155,13 @@ def main() -> int:
             if not saved.is_file():
                 continue
             level, path = "off", str(saved)
+        if name.startswith("w8a8"):
+            path = str(args.w8a8 / "unet" / "model.onnx")
+        ep, python = "-", sys.executable
+        if name.startswith("ovep-"):
+            ep, python = name.removeprefix("ovep-"), args.ortov_python
         out = work / f"{name}.npy"
-        r = run_child([path, level, str(threads), save, profile, str(out)])
+        r = run_child([path, level, str(threads), save, profile, str(out), ep], python)
         if r.get("profile"):
             r["by_op_type_s"] = by_op_type(r.pop("profile"))
         if out.is_file():
@@ -139,6 +169,7 @@ def main() -> int:
             ref = outs.get("basic")
             if ref is not None:
                 r["max_rel_vs_basic"] = float(np.abs(outs[name] - ref).max() / np.abs(ref).max())
+                r["psnr_vs_basic_db"] = round(psnr(ref, outs[name]), 2)
         res[name] = r
         print(name, {k: v for k, v in r.items() if k != "by_op_type_s"}, flush=True)
     (RESULTS_DIR / f"cpu_levers_{args.build.name}.json").write_text(json.dumps(res, indent=2) + "\n")

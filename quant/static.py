@@ -25,6 +25,7 @@ at the runtime's usual BASIC level the same graph would run in float with dequan
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -141,15 +142,21 @@ def quantize(src: Path, dst: Path, feeds: list[dict], exclude: dict[str, str],
             def get_next(self):
                 return next(self._it, None)
 
-        quantize_static(
-            str(folded), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=sorted(exclude),
-            use_external_data_format=True, calibrate_method=getattr(CalibrationMethod, CALIBRATION),
-            # (MinMax's calibration graph outputs one ReduceMin/ReduceMax scalar pair per tensor,
-            # so every feed's ranges fit in memory; its CalibMaxIntermediateOutputs would drop
-            # the ranges of earlier feeds: onnxruntime 1.32 clears them without merging)
-            extra_options={"MatMulConstBOnly": True})
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # its advice to pre-process: done (1.)
+        try:
+            quantize_static(
+                str(folded), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=sorted(exclude),
+                use_external_data_format=True,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION),
+                # (MinMax's calibration graph outputs one ReduceMin/ReduceMax scalar pair per
+                # tensor, so every feed's ranges fit in memory; CalibMaxIntermediateOutputs would
+                # drop earlier feeds' ranges: onnxruntime 1.32 clears them without merging)
+                extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.level = level
     finally:
         shutil.rmtree(work, ignore_errors=True)
     counts = _counts(dst)
