@@ -44,7 +44,7 @@ $(RT_VENV)/.sdc-installed: pyproject.toml Makefile $(RT_LOCK)
 venv-runtime: $(RT_VENV)/.sdc-installed
 
 # The runtime lock works on its own: build sdc-tiny with .venv, then with .venv-runtime (no
-# torch) quantize it to int4 and generate from both.
+# torch) quantize it to int4 and to w8a8 and generate from each.
 runtime-check: venv venv-runtime
 	$(SDC) build --precision fp32 --out artifacts/sdc-tiny-runtime-check --force
 	! $(RT_VENV)/bin/python -c 'import torch' 2>/dev/null
@@ -54,6 +54,10 @@ runtime-check: venv venv-runtime
 	    --out artifacts/sdc-tiny-runtime-check-int4 --force
 	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check-int4 \
 	    --seed 0 --out outputs/runtime-check-int4.png
+	$(RT_VENV)/bin/sdc build --from artifacts/sdc-tiny-runtime-check --precision w8a8 \
+	    --out artifacts/sdc-tiny-runtime-check-w8a8 --force
+	$(RT_VENV)/bin/sdc run "a red circle on a blue background" -a artifacts/sdc-tiny-runtime-check-w8a8 \
+	    --seed 0 --out outputs/runtime-check-w8a8.png
 	$(RT_VENV)/bin/python requirements/serve_smoke.py $(RT_VENV)/bin/sdc artifacts/sdc-tiny-runtime-check \
 	    outputs/runtime-check-serve.png
 	cmp outputs/runtime-check.png outputs/runtime-check-serve.png

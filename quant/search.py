@@ -78,7 +78,7 @@ def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | No
     by name."""
     import onnxruntime as ort
 
-    from ..runtime.sessions import optimization_level
+    from ..runtime.sessions import optimization_level, override_initializers
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -86,10 +86,7 @@ def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | No
     # no MLAS pre-packing: these sessions live for a few runs, and packing would copy every
     # weight once more (the search's peak memory)
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    keep = []
-    if weights:
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
-        opts.add_external_initializers(list(weights), keep)
+    keep = override_initializers(opts, weights)
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     outs = [session.run(None, f)[0] for f in feeds]
     del session, keep

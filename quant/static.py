@@ -69,6 +69,7 @@ def fold_constants(src: Path, dst: Path, overrides: dict[str, np.ndarray]) -> Pa
     import onnx
     import onnxruntime as ort
 
+    from ..runtime.sessions import override_initializers
     from .search import judge_copy
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -89,11 +90,7 @@ def fold_constants(src: Path, dst: Path, overrides: dict[str, np.ndarray]) -> Pa
     opts.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     opts.add_session_config_entry("session.disable_prepacking", "1")
-    keep = []
-    if overrides:
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-                for a in overrides.values()]
-        opts.add_external_initializers(list(overrides), keep)
+    keep = override_initializers(opts, overrides)
     session = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
     del session, keep
     return dst

@@ -134,11 +134,7 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
         opts.intra_op_num_threads = threads
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    keep = []
-    if initializers:
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-                for a in initializers.values()]
-        opts.add_external_initializers(list(initializers), keep)
+    keep = override_initializers(opts, initializers)
     t0 = time.perf_counter()
     try:
         providers = wanted
@@ -158,6 +154,19 @@ def open_session(folder: Path, stage: str, graph: dict, provider: str = "auto",
                            "(CUDA/cuDNN libraries missing?); use --provider cpu or fix the CUDA setup")
         notes.append(f"{stage}: CUDA unavailable at session creation, running on {actual}")
     return StageSession(stage, graph, session, actual, time.perf_counter() - t0, notes, keep)
+
+
+def override_initializers(opts, arrays: dict[str, np.ndarray] | None) -> list:
+    """Hand `arrays` to a session about to be created with `opts` in place of the external
+    initializers of those names; returns the OrtValues, which must outlive the session (ORT reads
+    them without copying)."""
+    import onnxruntime as ort
+
+    if not arrays:
+        return []
+    keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+    opts.add_external_initializers(list(arrays), keep)
+    return keep
 
 
 def free_memory() -> None:
