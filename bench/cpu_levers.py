@@ -46,6 +46,8 @@ so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BA
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+if level == "all":  # as runtime/sessions.py apply_level: exact u8u8 kernels on a CPU without VNNI
+    so.add_session_config_entry("session.x64quantprecision", "1")
 if int(threads):
     so.intra_op_num_threads = int(threads)
 if save != "-":

@@ -33,7 +33,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from run_fullsize import DIFFUSERS_CHILD, run  # noqa: E402
 
-RESULTS = HERE / "results" / "cpu_speed.json"
+RESULTS = HERE / "results"  # one cpu_speed-VENDOR-ISA.json per kind of machine measured
 PROMPT = "a red circle on a blue background"
 
 SDC_CHILD = r"""
@@ -45,18 +45,9 @@ r = run_pipeline(GenerateOptions(prompt=%r, artifacts=art, steps=int(steps), wid
                  height=int(size), batch=int(batch), scheduler="pndm", latents=lat,
                  provider="cpu", verify=False))
 for i, im in enumerate(r.images):
-    im.save(out.replace(".png", f"-{i}.png"))
+    im.save(out if i == 0 else out.replace(".png", f"-{i}.png"))
 print(json.dumps({"generate_s": time.perf_counter() - t0, "stages": r.timings}))
 """ % PROMPT
-
-# diffusers' child from run_fullsize.py draws one image; this one draws the batch
-DIFFUSERS_BATCH_CHILD = DIFFUSERS_CHILD.replace(
-    "model, steps, size, lat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]",
-    "model, steps, size, lat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
-    "lt = torch.from_numpy(np.load(lat))").replace(
-    "latents=torch.from_numpy(np.load(lat))).images[0]\nimg.save(sys.argv[5])",
-    "latents=lt, num_images_per_prompt=lt.shape[0]).images\n"
-    "[im.save(sys.argv[5].replace('.png', f'-{i}.png')) for i, im in enumerate(img)]")
 
 OV_EXPORT = r"""
 import sys
@@ -79,7 +70,7 @@ pipe.set_progress_bar_config(disable=True)
 images = pipe(%r, num_inference_steps=int(steps), guidance_scale=7.5, height=int(size),
               width=int(size), latents=lt, num_images_per_prompt=lt.shape[0]).images
 for i, im in enumerate(images):
-    im.save(out.replace(".png", f"-{i}.png"))
+    im.save(out if i == 0 else out.replace(".png", f"-{i}.png"))
 import openvino as ov
 try:  # what the compiled UNet really computes in (bf16 where the CPU has it, unless told f32)
     precision = str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
@@ -118,9 +109,11 @@ def main() -> int:
 
     res = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "steps": args.steps,
            "scheduler": "pndm", "guidance": 7.5, "prompt": PROMPT, "runs": {}}
-    if RESULTS.is_file():  # other configurations measured earlier on this machine stay
-        old = json.loads(RESULTS.read_text())
-        if old.get("machine", {}).get("cpu") == res["machine"].get("cpu"):
+    results = RESULTS / f"cpu_speed-{_machine_slug(res['machine'])}.json"
+    if results.is_file():  # other configurations measured earlier on the same CPU stay
+        old = json.loads(results.read_text())
+        same = ("cpu", "flags", "cores")
+        if all(old.get("machine", {}).get(k) == res["machine"].get(k) for k in same):
             res["runs"] = old.get("runs", {})
     res["machine"]["onnxruntime"] = _version(sys.executable, "onnxruntime")
     if ov_ir:
@@ -135,24 +128,25 @@ def main() -> int:
             for c in only:
                 png = args.work / f"cpu-{c}-{config}.png"
                 print(f"{config} repeat {rep + 1}: {c} ...", flush=True)
-                r = run(_command(c, args, builds, ov_ir, model, size, lat, png))
+                r = run(_command(c, args, builds, ov_ir, model, size, batch, lat, png))
                 runs[c].append(r)
                 print(f"  {r['wall_s']} s, {r['peak_rss_gib']} GiB", flush=True)
         res["runs"][config] = _summary(runs, args.work, config, batch)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+        RESULTS.mkdir(exist_ok=True)
+        results.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v["summary"] for k, v in res["runs"].items()}, indent=1))
+    print(f"written: {results}")
     return 0
 
 
-def _command(c: str, args, builds: dict, ov_ir: Path | None, model: Path, size: int, lat: Path,
-             png: Path) -> list[str]:
+def _command(c: str, args, builds: dict, ov_ir: Path | None, model: Path, size: int, batch: int,
+             lat: Path, png: Path) -> list[str]:
     py, steps = sys.executable, str(args.steps)
     if c.startswith("sdc_"):
-        batch = str(int(__import__("numpy").load(lat, mmap_mode="r").shape[0]))
-        return [py, "-c", SDC_CHILD, str(builds[c]), steps, str(size), batch, str(lat), str(png)]
+        return [py, "-c", SDC_CHILD, str(builds[c]), steps, str(size), str(batch), str(lat),
+                str(png)]
     if c == "diffusers":
-        return [py, "-c", DIFFUSERS_BATCH_CHILD, str(model), steps, str(size), str(lat), str(png)]
+        return [py, "-c", DIFFUSERS_CHILD, str(model), steps, str(size), str(lat), str(png)]
     precision = "fp32" if c == "ov_fp32" else "default"
     return [str(args.ov_python), "-c", OV_CHILD, str(ov_ir), steps, str(size), str(lat), str(png),
             precision]
@@ -162,9 +156,9 @@ def _summary(runs: dict, work: Path, config: str, batch: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    def images(c):
-        return [np.asarray(Image.open(work / f"cpu-{c}-{config}-{i}.png").convert("RGB"),
-                           np.float64) for i in range(batch)]
+    def images(c):  # every child saves image 0 at its path and image i beside it as NAME-i.png
+        names = [f"cpu-{c}-{config}.png"] + [f"cpu-{c}-{config}-{i}.png" for i in range(1, batch)]
+        return [np.asarray(Image.open(work / n).convert("RGB"), np.float64) for n in names]
 
     ref = images("sdc_fp32") if "sdc_fp32" in runs else None
     summary = {}
@@ -226,6 +220,17 @@ def _machine() -> dict:
     except (OSError, StopIteration):
         pass
     return info
+
+
+def _machine_slug(machine: dict) -> str:
+    """The results file's name: vendor and the widest vector/matrix unit, e.g. xeon-amx, epyc-avx2
+    (the same marketing name covers CPUs with and without AVX-512, so the flags decide)."""
+    cpu, flags = machine.get("cpu", "").lower(), set(machine.get("flags", []))
+    vendor = next((w for w in ("xeon", "epyc", "ryzen", "core") if w in cpu), "cpu")
+    isa = next((name for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512vnni"),
+                                        ("avx512f", "avx512"), ("avx2", "avx2")) if flag in flags),
+               "base")
+    return f"{vendor}-{isa}"
 
 
 def _version(python: str, module: str) -> str:

@@ -46,10 +46,13 @@ model, steps, size, lat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.a
 pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
                                                requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
+lt = torch.from_numpy(np.load(lat))  # [batch, 4, size/8, size/8]: one image per latent
 with torch.no_grad():
-    img = pipe("a red circle on a blue background", num_inference_steps=steps, guidance_scale=7.5,
-               width=size, height=size, latents=torch.from_numpy(np.load(lat))).images[0]
-img.save(sys.argv[5])
+    images = pipe("a red circle on a blue background", num_inference_steps=steps,
+                  guidance_scale=7.5, width=size, height=size, latents=lt,
+                  num_images_per_prompt=lt.shape[0]).images
+for i, im in enumerate(images):  # image i > 0 beside the first: NAME-i.png
+    im.save(sys.argv[5] if i == 0 else sys.argv[5].replace(".png", f"-{i}.png"))
 print(json.dumps({"generate_s": time.perf_counter() - t0}))
 """
 

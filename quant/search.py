@@ -78,11 +78,11 @@ def run_graph(path: Path, feeds: list[dict], weights: dict[str, np.ndarray] | No
     by name."""
     import onnxruntime as ort
 
-    from ..runtime.sessions import optimization_level, override_initializers
+    from ..runtime.sessions import apply_level, override_initializers
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.graph_optimization_level = optimization_level(level)
+    apply_level(opts, level)
     # no MLAS pre-packing: these sessions live for a few runs, and packing would copy every
     # weight once more (the search's peak memory)
     opts.add_session_config_entry("session.disable_prepacking", "1")

@@ -51,11 +51,11 @@ def check_source(stage: str, graph: dict, from_dir: Path) -> None:
     graphs (the calibration measures fp32 activations)."""
     split = "UNet chunks" if graph.get("chunks") else "tiling segments" if graph.get("tiled") else None
     if split:
-        raise SdcError(f"--stage-precision {stage}=w8a8: {from_dir}'s {stage} is split into "
+        raise SdcError(f"w8a8 for {stage}: {from_dir}'s {stage} is split into "
                        f"{split}; w8a8 quantizes whole graphs, so quantize a build made without "
                        "them (or use int8 for this stage)")
     if graph["precision"] != "fp32":
-        raise SdcError(f"--stage-precision {stage}=w8a8: {from_dir}'s {stage} computes "
+        raise SdcError(f"w8a8 for {stage}: {from_dir}'s {stage} computes "
                        f"{graph['precision']}; w8a8 calibrates fp32 activations, so quantize an "
                        "fp32 build")
 
@@ -156,37 +156,24 @@ def quantize(src: Path, dst: Path, feeds: list[dict], exclude: dict[str, str],
             root.level = level
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    counts = _counts(dst)
-    log(f"w8a8: {counts['quantized_nodes']} nodes on 8-bit activations, "
-        f"{counts['float_nodes']} left float, calibrated on {len(feeds)} inputs "
+    log(f"w8a8: calibrated on {len(feeds)} inputs and quantized "
         f"({time.perf_counter() - t0:.1f} s)")
     return {"method": f"onnxruntime quantize_static, QDQ, {CALIBRATION} per tensor",
             "activations": "uint8 asymmetric, one scale per tensor",
             "weights": "int8 symmetric, one scale per output channel",
             "op_types": list(OP_TYPES), "calibration_inputs": len(feeds),
-            "kept_float": dict(sorted(exclude.items())), **counts}
+            "execution": "QuantizeLinear/DequantizeLinear around each Conv/Gemm/MatMul, fused by "
+                         "onnxruntime (ORT_ENABLE_ALL) into QLinearConv and QGemm: uint8 x int8 "
+                         "arithmetic on the CPU provider's VNNI/AMX kernels; a CPU without VNNI "
+                         "runs it far slower, and the CUDA provider has no QLinearConv",
+            "kept_float": dict(sorted(exclude.items()))}
 
 
-def _counts(path: Path) -> dict:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    produced_by = {o: n for n in proto.graph.node for o in n.output}
-    quantized = floats = 0
-    for node in proto.graph.node:
-        if node.op_type not in OP_TYPES:
-            continue
-        src = produced_by.get(node.input[0])
-        if src is not None and src.op_type == "DequantizeLinear":
-            quantized += 1
-        else:
-            floats += 1
-    return {"quantized_nodes": quantized, "float_nodes": floats}
-
-
-def layers(path: Path, param_of: dict[str, str]) -> dict[str, dict]:
-    """{weight: {format, bytes}} of a w8a8 graph's Conv/MatMul weights: `w8a8` for the int8
-    ones (quantize_static names them `<weight>_quantized`), `fp32` for those left float."""
+def describe(path: Path, param_of: dict[str, str]) -> tuple[dict, dict[str, dict]]:
+    """What the w8a8 graph at `path` became, read once: ({quantized_nodes, float_nodes},
+    {weight: {format, bytes}}). A Conv/Gemm/MatMul reading a DequantizeLinear output computes
+    on 8-bit activations; its weight is `w8a8` when it too comes through a DequantizeLinear of
+    an initializer (quantize_static names it `<weight>_quantized`), else `fp32`."""
     import onnx
 
     from .graph import _nbytes
@@ -194,17 +181,23 @@ def layers(path: Path, param_of: dict[str, str]) -> dict[str, dict]:
     proto = onnx.load(str(path), load_external_data=False)
     sizes = {t.name: _nbytes(t) for t in proto.graph.initializer}
     produced_by = {o: n for n in proto.graph.node for o in n.output}
-    out = {}
+
+    def dequantized(tensor: str):
+        src = produced_by.get(tensor)
+        return src if src is not None and src.op_type == "DequantizeLinear" else None
+
+    counts, weights = {"quantized_nodes": 0, "float_nodes": 0}, {}
     for node in proto.graph.node:
-        if node.op_type not in OP_TYPES or len(node.input) < 2:
+        if node.op_type not in OP_TYPES:
             continue
-        w, fmt = node.input[1], "fp32"
-        src = produced_by.get(w)
-        if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in sizes:
-            w, fmt = src.input[0], FORMAT
+        counts["quantized_nodes" if dequantized(node.input[0]) else "float_nodes"] += 1
+        if len(node.input) < 2:
+            continue
+        w, fmt, dq = node.input[1], "fp32", dequantized(node.input[1])
+        if dq is not None and dq.input[0] in sizes:
+            w, fmt = dq.input[0], FORMAT
         if w not in sizes:
             continue  # an activation (MatMul of two computed tensors)
         name = w.removesuffix("_quantized")
-        out[param_of.get(name, name)] = {"format": fmt, "bytes": sizes[w]}
-    return out
-
+        weights[param_of.get(name, name)] = {"format": fmt, "bytes": sizes[w]}
+    return counts, weights

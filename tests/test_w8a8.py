@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import read_manifest, run_sdc
+from sdc.errors import SdcError
 
 PROMPT = "a red circle on a blue background"
 
@@ -58,11 +59,10 @@ def test_onnxruntime_runs_the_w8a8_unet_on_integer_kernels(w8a8, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from sdc.runtime.sessions import optimization_level
+    from sdc.runtime.sessions import apply_level
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = optimization_level(read_manifest(w8a8)["graphs"]["unet"]
-                                                       ["optimization"])
+    apply_level(opts, read_manifest(w8a8)["graphs"]["unet"]["optimization"])
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(w8a8 / "unet" / "model.onnx"), opts,
                          providers=["CPUExecutionProvider"])
@@ -103,7 +103,7 @@ def test_runtime_opens_w8a8_at_its_level(w8a8):
     plain = open_session(w8a8, "unet", {**graph, "optimization": "basic"}, "cpu").run(feeds, 4)
     assert not np.array_equal(fused, plain)
     assert np.abs(fused - plain).max() <= 0.1 * np.abs(plain).max()
-    with pytest.raises(Exception, match="graph optimization 'extended'"):
+    with pytest.raises(SdcError, match="graph optimization 'extended'"):
         open_session(w8a8, "unet", {**graph, "optimization": "extended"}, "cpu")
 
 
