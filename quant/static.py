@@ -164,8 +164,9 @@ def quantize(src: Path, dst: Path, feeds: list[dict], exclude: dict[str, str],
             "op_types": list(OP_TYPES), "calibration_inputs": len(feeds),
             "execution": "QuantizeLinear/DequantizeLinear around each Conv/Gemm/MatMul, fused by "
                          "onnxruntime (ORT_ENABLE_ALL) into QLinearConv and QGemm: uint8 x int8 "
-                         "arithmetic on the CPU provider's VNNI/AMX kernels; a CPU without VNNI "
-                         "runs it far slower, and the CUDA provider has no QLinearConv",
+                         "on the CPU provider's VNNI/AMX kernels, uint8 x uint8 on a CPU without "
+                         "VNNI (the x64 precision mode, runtime/sessions.py apply_level); the "
+                         "CUDA provider has no QLinearConv",
             "kept_float": dict(sorted(exclude.items()))}
 
 
