@@ -34,11 +34,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from cpu_speed import machine_info, machine_slug  # noqa: E402
+
 RESULTS_DIR = HERE / "results"
 
 CHILD = r"""
 import json, sys, time, numpy as np, onnxruntime as ort
-model, level, threads, save, profile, out, ep = sys.argv[1:8]
+model, level, threads, save, profile, out, ep, x64 = sys.argv[1:9]
 so = ort.SessionOptions()
 so.log_severity_level = 3
 so.enable_mem_pattern = False
@@ -46,7 +49,7 @@ so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BA
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-if level == "all":  # as runtime/sessions.py apply_level: exact u8u8 kernels on a CPU without VNNI
+if level == "all" and x64 == "1":  # as runtime/sessions.py apply_level (CPUs without VNNI)
     so.add_session_config_entry("session.x64quantprecision", "1")
 if int(threads):
     so.intra_op_num_threads = int(threads)
@@ -140,15 +143,16 @@ def main() -> int:
         settings["ovep-bf16"] = ("basic", 0, "-", "-")
         settings["ovep-f32"] = ("basic", 0, "-", "-")
     only = [s for s in args.only.split(",") if s] or list(settings)
-    res = {"build": str(args.build), "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
-    try:
-        res["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                          if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    machine = machine_info()
+    res = {"build": str(args.build), "date": time.strftime("%Y-%m-%d"), "cores": machine["cores"],
+           "cpu": machine.get("cpu"), "flags": machine.get("flags")}
     import onnxruntime
 
     res["onnxruntime"] = onnxruntime.__version__
+    from sdc.runtime.sessions import u8s8_saturates
+
+    x64 = "1" if u8s8_saturates() else "0"
+    res["x64quantprecision"] = x64 == "1"
     outs = {}
     for name in only:
         level, threads, save, profile = settings[name]
@@ -163,7 +167,7 @@ def main() -> int:
         if name.startswith("ovep-"):
             ep, python = name.removeprefix("ovep-"), args.ortov_python
         out = work / f"{name}.npy"
-        r = run_child([path, level, str(threads), save, profile, str(out), ep], python)
+        r = run_child([path, level, str(threads), save, profile, str(out), ep, x64], python)
         if r.get("profile"):
             r["by_op_type_s"] = by_op_type(r.pop("profile"))
         if out.is_file():
@@ -174,7 +178,10 @@ def main() -> int:
                 r["psnr_vs_basic_db"] = round(psnr(ref, outs[name]), 2)
         res[name] = r
         print(name, {k: v for k, v in r.items() if k != "by_op_type_s"}, flush=True)
-    (RESULTS_DIR / f"cpu_levers_{args.build.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    # one file per build and kind of CPU (cpu_speed.machine_slug: xeon-amx, epyc-avx512vnni, ...)
+    results = RESULTS_DIR / f"cpu_levers_{args.build.name}-{machine_slug(machine)}.json"
+    results.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written: {results}")
     return 0
 
 

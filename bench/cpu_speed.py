@@ -107,9 +107,9 @@ def main() -> int:
     ov_ir = _ov_ir(args, model) if any(c.startswith("ov_") for c in only) else None
     import numpy as np
 
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "steps": args.steps,
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "steps": args.steps,
            "scheduler": "pndm", "guidance": 7.5, "prompt": PROMPT, "runs": {}}
-    results = RESULTS / f"cpu_speed-{_machine_slug(res['machine'])}.json"
+    results = RESULTS / f"cpu_speed-{machine_slug(res['machine'])}.json"
     if results.is_file():  # other configurations measured earlier on the same CPU stay
         old = json.loads(results.read_text())
         same = ("cpu", "flags", "cores")
@@ -129,8 +129,13 @@ def main() -> int:
                 png = args.work / f"cpu-{c}-{config}.png"
                 print(f"{config} repeat {rep + 1}: {c} ...", flush=True)
                 r = run(_command(c, args, builds, ov_ir, model, size, batch, lat, png))
+                r["date"] = time.strftime("%Y-%m-%d %H:%M")
                 runs[c].append(r)
                 print(f"  {r['wall_s']} s, {r['peak_rss_gib']} GiB", flush=True)
+        # contenders not rerun (--only) keep their earlier runs on this CPU if their images remain
+        kept = {c: r for c, r in res["runs"].get(config, {}).get("runs", {}).items()
+                if c not in runs and (args.work / f"cpu-{c}-{config}.png").is_file()}
+        runs = {c: kept.get(c) or runs[c] for c in CONTENDERS if c in kept or c in runs}
         res["runs"][config] = _summary(runs, args.work, config, batch)
         RESULTS.mkdir(exist_ok=True)
         results.write_text(json.dumps(res, indent=1) + "\n")
@@ -208,7 +213,7 @@ def _ov_ir(args, model: Path) -> Path:
     return ir
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     info = {"cores": os.cpu_count()}
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -222,7 +227,7 @@ def _machine() -> dict:
     return info
 
 
-def _machine_slug(machine: dict) -> str:
+def machine_slug(machine: dict) -> str:
     """The results file's name: vendor and the widest vector/matrix unit, e.g. xeon-amx, epyc-avx2
     (the same marketing name covers CPUs with and without AVX-512, so the flags decide)."""
     cpu, flags = machine.get("cpu", "").lower(), set(machine.get("flags", []))

@@ -59,15 +59,20 @@ def test_onnxruntime_runs_the_w8a8_unet_on_integer_kernels(w8a8, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from sdc.runtime.sessions import apply_level
+    from sdc.runtime.sessions import apply_level, u8s8_saturates
 
     opts = ort.SessionOptions()
     apply_level(opts, read_manifest(w8a8)["graphs"]["unet"]["optimization"])
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(w8a8 / "unet" / "model.onnx"), opts,
                          providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"),
-                                        load_external_data=False).graph.node]
+    graph = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    # the weights stay int8 (u8s8 kernels) on a VNNI CPU; the precision mode makes them uint8
+    # (exact u8u8 kernels) where u8s8 saturates
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    weights = {dtypes[n.input[3]] for n in graph.node if n.op_type == "QLinearConv"}
+    assert weights == {onnx.TensorProto.UINT8 if u8s8_saturates() else onnx.TensorProto.INT8}
     assert ops.count("QLinearConv") >= 30, sorted(set(ops))
     integer_matmuls = sum(ops.count(o) for o in ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
                                                  "DynamicQuantizeMatMul"))
@@ -125,3 +130,19 @@ def test_w8a8_refuses_unet_chunks(chunked_tiny, tmp_path):
     assert proc.returncode != 0 and "UNet chunks" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, machine, saturates", [
+    ("fpu sse2 avx2 fma", "x86_64", True),                     # AVX2 only: VPMADDUBSW
+    ("fpu avx2 avx512f avx512bw", "x86_64", True),             # AVX-512 without VNNI
+    ("fpu avx2 avx512f avx512_vnni avx512_bf16", "x86_64", False),
+    ("fpu avx2 avx_vnni", "x86_64", False),                    # AVX-VNNI (256-bit)
+    ("fpu avx2 avx512_vnni amx_int8", "AMD64", False),
+    (None, "x86_64", True),                                    # flags unreadable: exact kernels
+    ("fp asimd asimddp", "aarch64", False),                    # no such mode off x86
+])
+def test_u8s8_saturates_reads_the_cpu_flags(flags, machine, saturates):
+    from sdc.runtime.sessions import u8s8_saturates
+
+    cpuinfo = "processor\t: 0\nmodel name\t: test\n" + (f"flags\t\t: {flags}\n" if flags else "")
+    assert u8s8_saturates(cpuinfo, machine) is saturates
