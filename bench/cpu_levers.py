@@ -149,7 +149,7 @@ def main() -> int:
     import onnxruntime
 
     res["onnxruntime"] = onnxruntime.__version__
-    from sdc.runtime.sessions import u8s8_saturates
+    from sdc.runtime.cpu import u8s8_saturates
 
     x64 = "1" if u8s8_saturates() else "0"
     res["x64quantprecision"] = x64 == "1"
@@ -180,6 +180,10 @@ def main() -> int:
         print(name, {k: v for k, v in r.items() if k != "by_op_type_s"}, flush=True)
     # one file per build and kind of CPU (cpu_speed.machine_slug: xeon-amx, epyc-avx512vnni, ...)
     results = RESULTS_DIR / f"cpu_levers_{args.build.name}-{machine_slug(machine)}.json"
+    if results.is_file():  # settings not rerun (--only) keep their figures from the same CPU
+        old = json.loads(results.read_text())
+        if all(old.get(k) == res.get(k) for k in ("cpu", "flags", "cores")):
+            res = {**old, **res}
     results.write_text(json.dumps(res, indent=2) + "\n")
     print(f"written: {results}")
     return 0

@@ -40,37 +40,10 @@ def apply_level(opts, name: str) -> None:
                        "the build is newer than this sdc or damaged")
     opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
+    from .cpu import u8s8_saturates
+
     if name == "all" and u8s8_saturates():
         opts.add_session_config_entry("session.x64quantprecision", "1")
-
-
-# CPU flags (Linux /proc/cpuinfo names) of an int8 dot product that accumulates in 32 bits
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-def u8s8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
-    """Whether onnxruntime's uint8 x int8 kernels can saturate on this CPU: an x86 CPU without
-    VNNI multiplies with VPMADDUBSW, whose int16 pair sums saturate (the full-size w8a8 UNet fell
-    to 28.9 dB against fp32 on an AVX2-only EPYC). onnxruntime's own test
-    (MlasPlatformU8S8Overflow) is true on every x86 CPU with AVX2, VNNI or not, so the precision
-    mode cannot be left on everywhere: on a VNNI CPU it halves the integer kernels' rate
-    (measured on an AVX-512 VNNI EPYC: the 512² CFG w8a8 UNet call 10.0 s with it, 5.4 s
-    without). Read from /proc/cpuinfo's flags; an x86 CPU whose flags cannot be read is taken to
-    saturate (the exact, slower kernels); other architectures never do (the mode does not exist
-    there)."""
-    import platform
-
-    if (machine or platform.machine()).lower() not in _X86:
-        return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags")), None)
-    return flags is None or not VNNI_FLAGS & set(flags)
 
 
 def resolve_providers(choice: str) -> list[str]:

@@ -59,7 +59,8 @@ def test_onnxruntime_runs_the_w8a8_unet_on_integer_kernels(w8a8, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from sdc.runtime.sessions import apply_level, u8s8_saturates
+    from sdc.runtime.cpu import u8s8_saturates
+    from sdc.runtime.sessions import apply_level
 
     opts = ort.SessionOptions()
     apply_level(opts, read_manifest(w8a8)["graphs"]["unet"]["optimization"])
@@ -142,7 +143,7 @@ def test_w8a8_refuses_unet_chunks(chunked_tiny, tmp_path):
     ("fp asimd asimddp", "aarch64", False),                    # no such mode off x86
 ])
 def test_u8s8_saturates_reads_the_cpu_flags(flags, machine, saturates):
-    from sdc.runtime.sessions import u8s8_saturates
+    from sdc.runtime.cpu import u8s8_saturates
 
     cpuinfo = "processor\t: 0\nmodel name\t: test\n" + (f"flags\t\t: {flags}\n" if flags else "")
     assert u8s8_saturates(cpuinfo, machine) is saturates
