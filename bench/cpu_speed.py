@@ -214,16 +214,18 @@ def _ov_ir(args, model: Path) -> Path:
 
 
 def machine_info() -> dict:
+    from sdc.runtime.cpu import CPUINFO, cpu_flags
+
     info = {"cores": os.cpu_count()}
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines
-                           if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
-        info["flags"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                                        "amx_int8", "avx_vnni"})
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in
+                           CPUINFO.read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags = cpu_flags()
+    if flags is not None:
+        info["flags"] = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                                        "amx_int8", "avx_vnni"})
     return info
 
 

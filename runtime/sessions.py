@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SdcError
+from .cpu import u8s8_saturates
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -40,8 +41,6 @@ def apply_level(opts, name: str) -> None:
                        "the build is newer than this sdc or damaged")
     opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
-    from .cpu import u8s8_saturates
-
     if name == "all" and u8s8_saturates():
         opts.add_session_config_entry("session.x64quantprecision", "1")
 
