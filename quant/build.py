@@ -40,7 +40,7 @@ from . import formats as fm
 from . import plan as qp
 from . import static
 
-QUANT_VERSION = 1  # part of the build key: a change to the encoders or the rewrite rebuilds
+QUANT_VERSION = 2  # part of the build key: a change to the encoders or the rewrite rebuilds
 DATA_FILE = "model.onnx_data"
 EXECUTION = {
     "cpu": "DequantizeLinear feeding Conv/Gemm/MatMul/Gather, float32 arithmetic: the weights "
@@ -210,9 +210,27 @@ def quantize_build(opts: QuantizeOptions, log: Callable[[str], None] = print
         for stage in stages:
             if stage not in rewritten:
                 continue
-            graphs[stage] = _quantize_stage(
-                stage, base, opts, formats[stage], targets[stage], fused.get(stage, {}),
-                calib.feeds.get(stage, []) if calib else [], dims, tmp, log)
+            feeds = calib.feeds.get(stage, []) if calib else []
+            before = set((tmp / stage).rglob("*"))
+            try:
+                graphs[stage] = _quantize_stage(stage, base, opts, formats[stage],
+                                                targets[stage], fused.get(stage, {}), feeds,
+                                                dims, tmp, log)
+            except ParityError as e:
+                alt = qp.fallback(opts.precision, roles[stage], overrides, stage)
+                if alt is None:
+                    raise
+                log(f"[{stage}] {formats[stage]} refused by its gate ({e}); falling back to "
+                    f"{alt}, as the {opts.precision} recipe allows")
+                for p in sorted(set((tmp / stage).rglob("*")) - before, reverse=True):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                refused = {"format": formats[stage], "target_db": targets[stage],
+                           "why": str(e)}
+                formats[stage], targets[stage] = alt, _target(alt, opts.quality_target)
+                graphs[stage] = _quantize_stage(stage, base, opts, alt, targets[stage],
+                                                fused.get(stage, {}), feeds, dims, tmp, log)
+                graphs[stage].setdefault("quantization", {})["fallback"] = refused
+        label = qp.label(formats, roles)
         files = dict(mf.file_entry(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file())
         for stage in rewritten:
             graphs[stage]["files"] = sorted(r for r in files if r.startswith(f"{stage}/") and
@@ -444,6 +462,9 @@ def _quantize_stage_w8a8(stage: str, base: dict, opts: QuantizeOptions, target: 
     log(f"[{stage}] gate psnr {parity['value']:.2f} dB >= {parity['threshold']:g} over "
         f"{len(parity['cases'])} inputs: passed")
     graph.pop("weights", None)  # quantized weights are not LoRA targets (see fusion/artifact.py)
+    # the exact tiling segments are cut from the float graph: each would need its own activation
+    # calibration, so a w8a8 decoder has none (tiles are blended: runtime/vae_decode.py)
+    dropped = graph.pop("tiled", None)
     graph.update(precision=static.FORMAT, opset=qp_opset(dst), optimization=static.OPTIMIZATION,
                  precision_reason=_reason(static.FORMAT, graph["precision"]), parity=parity)
     graph["quantization"] = {
@@ -453,6 +474,10 @@ def _quantize_stage_w8a8(stage: str, base: dict, opts: QuantizeOptions, target: 
         "weight_bytes": sum(v["bytes"] for v in layers.values()),
         "unchanged_float_bytes": sum(v["bytes"] for v in layers.values() if v["format"] == "fp32"),
     }
+    if dropped:
+        graph["quantization"]["exact_tiles"] = (
+            f"not kept: the float build's {len(dropped['segments'])} tiling segments would each "
+            "need their own activation calibration; a tiled decode blends whole-graph tiles")
     log(f"[{stage}] w8a8 written in {time.perf_counter() - t0:.1f} s")
     return graph
 

@@ -30,11 +30,23 @@ RECIPES = {
              "encode_image": "fp16"},
     "int4": {"text": "int8", "denoise": "int4", "upscale": "int4", "decode": "fp16",
              "encode_image": "fp16"},
-    # CPU speed (quant/static.py): the UNets on 8-bit activations and weights, computed by the
-    # integer kernels; text encoder int8 weights; the VAE keeps float arithmetic
-    "w8a8": {"text": "int8", "denoise": "w8a8", "upscale": "w8a8", "decode": "fp16",
+    # CPU speed (quant/static.py): the UNets and the VAE decoder on 8-bit activations and
+    # weights, computed by the integer kernels (the decoder falls back to fp16 weights where its
+    # gate refuses w8a8: FALLBACK); text encoder int8 weights; the VAE encoder (img2img only)
+    # keeps float arithmetic
+    "w8a8": {"text": "int8", "denoise": "w8a8", "upscale": "w8a8", "decode": "w8a8",
              "encode_image": "fp16"},
 }
+
+# (recipe, role) -> the format a stage the *recipe* put in w8a8 falls back to when its gate
+# refuses it, said in the log and recorded in the manifest (graphs.<stage>.quantization.
+# fallback). The decoder's pixels are the image, and a trained decoder's activation outliers
+# may not fit one 8-bit scale per tensor (the full-size architecture with random weights measures
+# 46-49 dB on real latents, 30.4-33.5 dB on the gate's random ones, so it is the gate that
+# decides, per model). A stage the user names in --stage-precision is refused instead, as every
+# quantized graph is.
+FALLBACK = {("w8a8", "decode"): "fp16"}
+
 
 # (path component, reason): weights under a module with this name stay in 16 bits.
 KEPT = (
@@ -84,6 +96,12 @@ def stage_formats(precision: str | None, overrides: dict[str, str], stages) -> d
     out = {s: _recipe_format(recipe, role) for s, role in _roles(stages).items()}
     out.update(overrides)
     return out
+
+
+def fallback(precision: str | None, role: str, overrides: dict[str, str], stage: str
+             ) -> str | None:
+    """The format `stage` falls back to when its gate refuses the recipe's, or None (refused)."""
+    return None if stage in overrides else FALLBACK.get((precision, role))
 
 
 def label(formats: dict[str, str], roles: dict[str, str] | None = None) -> str:

@@ -298,9 +298,12 @@ def candidate_plans(manifest: dict, *, batch: int, cfg: bool, width: int, height
 
     def dec_stage(tile: int) -> StagePlan:
         p = {"batch": 1, "lat": lat, "tile": tile}
-        unit = dec_tiled if tile else dec_whole
+        # a build without segments (a w8a8 decoder, an older build) blends whole-graph tiles:
+        # planned at the whole decode's peak and time, an upper bound
+        unit = dec_tiled if tile and dec_tiled else dec_whole
         peak = unit.peak(p) + fixed + pixels * batch
-        what = f"{decoder} segments, {tile}-latent tiles" if tile else f"{decoder} (whole)"
+        what = (f"{decoder} (whole)" if not tile else f"{decoder} segments, {tile}-latent tiles"
+                if dec_tiled else f"{decoder}, blended {tile}-latent tiles")
         return StagePlan(decoder, what, _est(peak), unit.load + batch * unit.run(p),
                          _est(unit.held(p)))
 

@@ -3,8 +3,9 @@
   tile 0                      the decoder graph on the whole latent (fastest, biggest peak)
   tile N, build has segments  exact tiled decode (vae_segmented.py): same pixels as untiled
   tile N, no segments         blended whole-graph tiles (vae_tiling.py), for builds made before
-                              the segments existed or of decoders the cut does not know; its
-                              per-tile GroupNorm costs fidelity, so it says so in a warning
+                              the segments existed, of decoders the cut does not know and of
+                              w8a8 decoders (quant/static.py); its per-tile GroupNorm costs
+                              fidelity, so it says so in a warning
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def decode_latents(folder: Path, stage: str, graph: dict, z: np.ndarray, factor:
         + (f" (blended {tile}-latent tiles)" if tile else ""))
     warnings = list(dec.warnings)
     if tile:
+        fix = ("quantize its decoder to fp16 or int8 (--stage-precision "
+               f"{stage}=fp16) for exact tiles" if graph.get("precision") == "w8a8"
+               else "rebuild with this sdc for exact tiles")
         warnings.append(f"{stage}: this build has no exact tiled decoder, so tiles are "
-                        "blended and differ slightly from an untiled decode; rebuild with this sdc "
-                        "for exact tiles")
+                        f"blended and differ slightly from an untiled decode; {fix}")
     decode = lambda t: dec.run({"latent_sample": np.ascontiguousarray(t)})  # noqa: E731
     pixels = []
     for i in range(len(z)):

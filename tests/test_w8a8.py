@@ -30,8 +30,16 @@ def test_w8a8_build_manifest(builtin_build, w8a8):
     unet = m["graphs"]["unet"]
     assert unet["precision"] == "w8a8" and unet["optimization"] == "all"
     assert m["graphs"]["text_encoder"]["precision"] == "int8"
-    assert m["graphs"]["vae_decoder"]["precision"] == "fp16"
-    assert "optimization" not in m["graphs"]["vae_decoder"]
+    # the decoder too, on its pixel gate; its exact tiling segments are not kept (the float
+    # build has them), and the VAE encoder (img2img only) keeps float arithmetic
+    dec = m["graphs"]["vae_decoder"]
+    assert dec["precision"] == "w8a8" and dec["optimization"] == "all"
+    assert dec["parity"]["passed"] and dec["parity"]["value"] >= dec["parity"]["threshold"] == 30.0
+    assert "tiled" in read_manifest(builtin_build)["graphs"]["vae_decoder"] and "tiled" not in dec
+    assert "segments" in dec["quantization"]["exact_tiles"]
+    assert not any(r.startswith("vae_decoder/tiled") for r in m["files"])
+    assert dec["quantization"]["static"]["quantized_nodes"] >= 20
+    assert m["graphs"]["vae_encoder"]["precision"] == "fp16"
     assert unet["parity"]["passed"] and unet["parity"]["value"] >= 30.0 == unet["parity"]["threshold"]
     q = unet["quantization"]
     info = q["static"]
@@ -40,6 +48,8 @@ def test_w8a8_build_manifest(builtin_build, w8a8):
     kept = set(info["kept_float"].values())
     assert any("conv_in" in why for why in kept) and any("time embedding" in why for why in kept)
     assert info["float_nodes"] == len(info["kept_float"])
+    # quant/rewrite.py found every GEGLU (chunk and GELU) and biased Linear of the 7 blocks
+    assert info["rewrites"] == {"split_slices": 7, "gelu": 7, "gemm_bias": 28}
     formats = {v["format"] for v in q["layers"].values()}
     assert formats == {"w8a8", "fp32"}
     assert q["layers"]["conv_in.weight"]["format"] == "fp32"
@@ -113,15 +123,55 @@ def test_runtime_opens_w8a8_at_its_level(w8a8):
         open_session(w8a8, "unet", {**graph, "optimization": "extended"}, "cpu")
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--stage-precision", "vae_decoder=w8a8"), "tiling segments"),
-])
-def test_w8a8_refusals(builtin_build, tmp_path, args, message):
+def test_w8a8_refuses_an_fp16_build(build_fp16, tmp_path):
     out = tmp_path / "bad"
-    proc = run_sdc("build", "--from", builtin_build, "--precision", "w8a8", *args, "--out", out,
+    proc = run_sdc("build", "--from", build_fp16, "--precision", "w8a8", "--out", out,
                    check=False)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "calibrates fp32 activations" in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_w8a8_decoder_falls_back_to_fp16_when_its_gate_refuses(builtin_build, tmp_path,
+                                                                monkeypatch):
+    """The recipe's decoder falls back to fp16 weights (exact tiles kept) when its gate refuses
+    w8a8; named in --stage-precision it is refused instead. The gate is made unreachable here
+    (a trained decoder whose outliers do not fit 8 bits is what it stands for)."""
+    from sdc.errors import ParityError
+    from sdc.quant import build
+    from sdc.quant.build import QuantizeOptions, quantize_build
+
+    real_gate = build._gate
+
+    def strict_decoder_gate(stage, inputs, reference, outs, target):
+        w8a8 = stage == "vae_decoder" and target == 30.0  # fp16's fallback gate is 35 dB
+        return real_gate(stage, inputs, reference, outs, 120.0 if w8a8 else target)
+
+    monkeypatch.setattr(build, "_gate", strict_decoder_gate)
+    out, m, _ = quantize_build(QuantizeOptions(from_dir=builtin_build, precision="w8a8",
+                                               out=tmp_path / "fallback"), log=lambda s: None)
+    dec = m["graphs"]["vae_decoder"]
+    assert dec["precision"] == "fp16" and "tiled" in dec
+    refused = dec["quantization"]["fallback"]
+    assert refused["format"] == "w8a8" and refused["target_db"] == 30.0
+    assert "parity failed for the quantized vae_decoder" in refused["why"]
+    assert "required psnr_db >= 120" in refused["why"]
+    assert m["graphs"]["unet"]["precision"] == "w8a8"
+    assert m["quantization"]["formats"]["vae_decoder"] == "fp16" and m["precision"] == "mixed"
+    run_sdc("verify", out)
+
+    named = tmp_path / "named"
+    with pytest.raises(ParityError, match="vae_decoder"):
+        quantize_build(QuantizeOptions(from_dir=builtin_build, precision="w8a8",
+                                       stage_precision={"vae_decoder": "w8a8"}, out=named),
+                       log=lambda s: None)
+    assert not named.exists()
+
+
+def test_w8a8_decoder_tiles_are_blended(w8a8, tmp_path):
+    proc = run_sdc("run", PROMPT, "-a", w8a8, "--seed", "7", "--vae-tile", "8",
+                   "--out", tmp_path / "tiled")
+    assert len(list((tmp_path / "tiled").glob("*.png"))) == 1
+    assert "no exact tiled decoder" in proc.stderr and "vae_decoder=fp16" in proc.stderr
 
 
 def test_w8a8_refuses_unet_chunks(chunked_tiny, tmp_path):
