@@ -10,6 +10,8 @@ batch-2 64² call (one 512² CFG step), each setting in its own process (peak RS
   profile      basic with onnxruntime's profiler: time per op type over the call
   w8a8         the UNet of a w8a8 build (--w8a8 BUILD: 8-bit activations and weights, opened at
                ORT_ENABLE_ALL as the runtime does), and its profile (w8a8-profile)
+  w8a8-thp     the w8a8 UNet with glibc's malloc asking for transparent huge pages
+               (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; the kernel's THP mode is madvise here)
   ovep-bf16    onnxruntime's OpenVINO execution provider (onnxruntime-openvino, in its own venv:
                --ortov-python) on the fp32 graph, INFERENCE_PRECISION_HINT bf16 through its
                load_config; ovep-f32 the same at f32
@@ -85,15 +87,25 @@ for _ in range(3):
     times.append(time.perf_counter() - t0)
 np.save(out, y)
 prof = s.end_profiling() if profile != "-" else None
+try:  # how much of the heap the kernel backs with transparent huge pages (Linux)
+    huge = next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup")
+                if l.startswith("AnonHugePages:")) / 2**20
+except (OSError, StopIteration):
+    huge = None
 print(json.dumps({"load_s": round(load, 2), "calls_s": [round(t, 2) for t in times],
-                  "best_s": round(min(times[1:]), 2), "profile": prof}))
+                  "best_s": round(min(times[1:]), 2), "profile": prof,
+                  "anon_huge_gib": None if huge is None else round(huge, 2)}))
 """
 
 
-def run_child(args: list[str], python: str = sys.executable) -> dict:
+# settings that differ from another only in the child's environment
+ENV = {"w8a8-thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+
+
+def run_child(args: list[str], python: str = sys.executable, env: dict | None = None) -> dict:
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen([python, "-c", CHILD, *args], stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         out.seek(0)
         log = out.read()
@@ -139,6 +151,7 @@ def main() -> int:
     if args.w8a8:
         settings["w8a8"] = ("all", 0, "-", "-")
         settings["w8a8-profile"] = ("all", 0, "-", str(work / "prof-w8a8"))
+        settings["w8a8-thp"] = ("all", 0, "-", "-")
     if args.ortov_python:
         settings["ovep-bf16"] = ("basic", 0, "-", "-")
         settings["ovep-f32"] = ("basic", 0, "-", "-")
@@ -167,7 +180,8 @@ def main() -> int:
         if name.startswith("ovep-"):
             ep, python = name.removeprefix("ovep-"), args.ortov_python
         out = work / f"{name}.npy"
-        r = run_child([path, level, str(threads), save, profile, str(out), ep, x64], python)
+        r = run_child([path, level, str(threads), save, profile, str(out), ep, x64], python,
+                      ENV.get(name))
         if r.get("profile"):
             r["by_op_type_s"] = by_op_type(r.pop("profile"))
         if out.is_file():
